@@ -1,0 +1,64 @@
+"""Command line of the export package.
+
+    python -m export build [--modality image|audio|imu] [--out models] [--force]
+    python -m export info  [--out models]
+
+``build`` exports each backbone to ONNX (taps as outputs, dynamic batch), checks it with
+onnx.checker and writes ``<modality>.manifest.json`` beside it; cached by content hash.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(kw_only=True)
+class Config:
+    command: str
+    modality: str | None = None
+    out: Path = Path("models")
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.modality not in (None, "image", "audio", "imu"):
+            raise ValueError(f"modality must be image, audio or imu, got {self.modality!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["build", "info"])
+    p.add_argument("--modality", choices=["image", "audio", "imu"])
+    p.add_argument("--out", type=Path, default=Path("models"))
+    p.add_argument("--force", action="store_true", help="re-export even when the cache is valid")
+    a = p.parse_args(argv)
+    cfg = Config(command=a.command, modality=a.modality, out=a.out, force=a.force)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    print(f"config: {cfg}", file=sys.stderr)
+    from export import available_kinds, build
+    from export.manifest import load_verified
+
+    if cfg.command == "build":
+        build(cfg.modality, cfg.out, force=cfg.force)
+    result = {}
+    for m in [cfg.modality] if cfg.modality else ["audio", "image", "imu"]:
+        try:
+            man = load_verified(cfg.out, m)
+            result[m] = {"onnx": str(cfg.out / man["onnx"]), "content_hash": man["content_hash"][:16],
+                         "taps": {t["name"]: t["dim"] for t in man["taps"]}, "opset": man["opset"]}
+        except Exception as e:  # info reports what is wrong instead of stopping
+            result[m] = {"error": str(e)}
+    result["backends"] = {k: ok for k, (ok, _) in available_kinds().items()}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
