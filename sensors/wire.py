@@ -188,9 +188,14 @@ def _as_uint8(data: np.ndarray, what: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- decode
 def _buffer(frame: Any) -> memoryview:
-    """A memoryview of a received frame without copying (zmq.Frame, bytes or memoryview)."""
+    """A read-only memoryview of a received frame without copying (zmq.Frame, bytes or
+    memoryview). Read-only because a zmq.Frame's buffer is writable and, over inproc, is
+    the sender's own array."""
     buf = getattr(frame, "buffer", None)
-    return memoryview(buf if buf is not None else frame)
+    try:
+        return memoryview(buf if buf is not None else frame).toreadonly()
+    except TypeError:
+        raise WireError("frame_type", f"frame is not a buffer: {type(frame).__name__}") from None
 
 
 def decode(frames: Sequence[Any]) -> tuple[str, Message]:

@@ -1,0 +1,129 @@
+"""Configs of the agent, its control server and the operator console.
+
+Why dataclasses with working defaults: ``python -m runtime.agent`` must run on a fresh
+checkout with no config file at all (everything on 127.0.0.1, CurveZMQ on), and a launch
+file only names what differs. Loaded with ``sensors.config.load_config`` from one TOML
+file with ``[agent]``, ``[control]`` and ``[console]`` tables::
+
+    [agent]
+    backend = "onnxruntime"
+    checkpoint_dir = "state/"
+
+    [control]
+    endpoint = "tcp://0.0.0.0:5570"
+    keys_dir = "keys/"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sensors.config import load_config
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+
+
+def _check_endpoint(name: str, value: str) -> None:
+    if not isinstance(value, str) or "://" not in value:
+        raise ValueError(f"{name}={value!r} is not a ZeroMQ endpoint like 'tcp://127.0.0.1:5570'")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name}={value!r} must be > 0")
+
+
+@dataclass(kw_only=True)
+class AgentConfig:
+    """The agent process: where sensors come from, where predictions go, learn gates."""
+
+    sensors: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5556"])  # connect
+    predictions: str = "tcp://127.0.0.1:5560"  # bind (PUB)
+    backend: str = "auto"
+    model_dir: Path = Path("models")
+    checkpoint_dir: Path = Path("state/")
+    keep_checkpoints: int = 3
+    stale_s: float = 1.0  # a modality silent this long is left out of the sample
+    min_new_task_acc: float = 0.5  # learn gate: held-out accuracy on the new task
+    max_old_task_drop: float = 0.10  # learn gate: largest accepted drop on old tasks
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sensors, str):
+            self.sensors = [self.sensors]
+        if not self.sensors:
+            raise ValueError("sensors=[] must name at least one endpoint")
+        for ep in self.sensors:
+            _check_endpoint("sensors", ep)
+        _check_endpoint("predictions", self.predictions)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        self.model_dir = Path(self.model_dir)
+        self.checkpoint_dir = Path(self.checkpoint_dir)
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be >= 2 (rollback needs one)")
+        _check_positive("stale_s", self.stale_s)
+        if not 0.0 <= self.min_new_task_acc <= 1.0:
+            raise ValueError(f"min_new_task_acc={self.min_new_task_acc!r} must be in [0, 1]")
+        if not 0.0 <= self.max_old_task_drop <= 1.0:
+            raise ValueError(f"max_old_task_drop={self.max_old_task_drop!r} must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ControlConfig:
+    """The agent's control server (see ``runtime.control.ControlServer``)."""
+
+    endpoint: str = "tcp://127.0.0.1:5570"  # bind (ROUTER)
+    insecure: bool = False  # True: no CurveZMQ (development only, logged as a WARNING)
+    keys_dir: Path = Path("keys/")  # server.key_secret + operators/*.key allow-list
+    heartbeat_timeout_s: float = 10.0  # a console silent this long leaves the session table
+    max_request_bytes: int = 65536  # larger frames get a "too_large" error reply
+    hard_max_bytes: int = 1 << 20  # larger frames: the connection is dropped (ZMQ_MAXMSGSIZE)
+    max_depth: int = 16  # deeper msgpack nesting gets a "too_deep" error reply
+    poll_ms: int = 50
+    sndhwm: int = 100  # per-client send queue; full -> the reply is dropped, never blocks
+    slow_handler_s: float = 0.5  # handlers slower than this are logged (they stall the loop)
+
+    def __post_init__(self) -> None:
+        _check_endpoint("endpoint", self.endpoint)
+        self.keys_dir = Path(self.keys_dir)
+        _check_positive("heartbeat_timeout_s", self.heartbeat_timeout_s)
+        if self.max_request_bytes < 64:
+            raise ValueError(f"max_request_bytes={self.max_request_bytes!r} must be >= 64")
+        if self.hard_max_bytes < self.max_request_bytes:
+            raise ValueError(f"hard_max_bytes={self.hard_max_bytes!r} must be >= max_request_bytes")
+        if not 1 <= self.max_depth <= 512:
+            raise ValueError(f"max_depth={self.max_depth!r} must be in [1, 512]")
+        if not 1 <= self.poll_ms <= 1000:
+            raise ValueError(f"poll_ms={self.poll_ms!r} must be in [1, 1000]")
+        if self.sndhwm < 1:
+            raise ValueError(f"sndhwm={self.sndhwm!r} must be >= 1")
+        _check_positive("slow_handler_s", self.slow_handler_s)
+
+
+@dataclass(kw_only=True)
+class ConsoleConfig:
+    """The operator console (``python -m runtime.console``)."""
+
+    connect: str = "tcp://127.0.0.1:5570"
+    insecure: bool = False
+    keys_dir: Path = Path("keys/")
+    key_name: str | None = None  # operator key in keys_dir/clients/; None: the only one there
+    timeout_s: float = 5.0  # per request; a lost reply is a timeout error
+    poll_s: float = 0.25  # progress polling period while a job runs
+
+    def __post_init__(self) -> None:
+        _check_endpoint("connect", self.connect)
+        self.keys_dir = Path(self.keys_dir)
+        _check_positive("timeout_s", self.timeout_s)
+        _check_positive("poll_s", self.poll_s)
+
+
+def load_runtime_config(path: str | Path | None = None, **agent_overrides: Any) -> tuple[AgentConfig, ControlConfig]:
+    """The agent's two configs from one TOML file (``[agent]`` and ``[control]``)."""
+    return (
+        load_config(AgentConfig, path, "agent", **agent_overrides),
+        load_config(ControlConfig, path, "control"),
+    )
