@@ -37,7 +37,11 @@ lint: venv
 test: venv sysdeps data lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The demo starts from a clean state each time (a robot would resume from state/).
 demo: venv sysdeps data
+	rm -rf state/demo/checkpoints
+	@test -f state/demo/keys/server.key_secret || $(BIN)/python -m runtime.keys create server --dir state/demo/keys
+	@test -f state/demo/keys/clients/demo.key_secret || $(BIN)/python -m runtime.keys create demo --dir state/demo/keys
 	$(BIN)/python -m runtime.launch launch/demo.toml
 
 clean:
