@@ -73,7 +73,7 @@ class LiveMonitor:
         self._truth.subscribe(b"truth")
         for s in (self._pred, self._truth):
             s.setsockopt(zmq.LINGER, 0)
-        self.truth: dict[int, str] = {}
+        self.truth: dict[int, int] = {}  # camera frame stamp -> dataset class id
         self.preds: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -93,15 +93,18 @@ class LiveMonitor:
                 if sock is self._pred:
                     self.preds.append(body)
                 elif isinstance(body, dict) and "stamp_ns" in body:
-                    self.truth[int(body["stamp_ns"])] = str(body.get("name"))
+                    self.truth[int(body["stamp_ns"])] = int(body.get("label", -1))
                     if len(self.truth) > 20000:
                         self.truth.pop(next(iter(self.truth)))
 
-    def window(self, since: int, known: set[str]) -> dict[str, Any]:
+    def window(self, since: int, known: set[str], class_of: dict[str, int]) -> dict[str, Any]:
+        """Latency and live accuracy of the predictions after index ``since``; only frames whose
+        true class the robot has learned are scored (labels mapped to dataset class ids)."""
         preds = self.preds[since:]
         lat = np.asarray([p["latency_ms"] for p in preds], dtype=float)
-        scored = [(p["label"], self.truth.get(int(p.get("frame_stamp_ns", 0)))) for p in preds]
-        scored = [(p, t) for p, t in scored if t is not None and t in known]
+        known_ids = {class_of[k] for k in known if k in class_of}
+        scored = [(class_of.get(p["label"], -2), self.truth.get(int(p.get("frame_stamp_ns", 0)))) for p in preds]
+        scored = [(p, t) for p, t in scored if t is not None and t in known_ids]
         acc = float(np.mean([p == t for p, t in scored])) if scored else None
         return {"predictions": len(preds), "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
                 "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
@@ -115,15 +118,24 @@ class LiveMonitor:
 
 
 def _wait_job(client: ControlClient, job: str, timeout_s: float) -> dict[str, Any]:
+    """Follow a job: a tqdm bar on a terminal, one line per phase kind in a log (launch)."""
     from tqdm import tqdm
 
     end = time.monotonic() + timeout_s
-    with tqdm(total=100, unit="%", file=sys.stderr, bar_format="{desc:<40} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    tty = sys.stderr.isatty()
+    last_kind = ""
+    with tqdm(total=100, unit="%", file=sys.stderr, disable=not tty,
+              bar_format="{desc:<40} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         while time.monotonic() < end:
             snap = client.request("job", {"id": job})
+            phase = str(snap.get("phase", ""))
             bar.n = round(100 * float(snap.get("progress", 0.0)))
-            bar.set_description_str(str(snap.get("phase", ""))[:40], refresh=False)
+            bar.set_description_str(phase[:40], refresh=False)
             bar.refresh()
+            kind = phase.split(" ", maxsplit=1)[0]
+            if not tty and kind != last_kind:
+                print(f"  {snap.get('name')}: {phase} ({100 * float(snap.get('progress', 0.0)):.0f}%)", flush=True)
+                last_kind = kind
             if snap.get("state") != "running":
                 return snap
             time.sleep(0.25)
@@ -175,7 +187,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 if time.monotonic() > end:
                     raise TimeoutError(f"agent did not come up within {cfg.agent_wait_s} s: {exc}") from exc
             time.sleep(1.0)
-        names = [t for t in st["tasks"]]
+        names = list(st["tasks"])
+        from sensors.datasets.store import load
+
+        class_of = {str(w): i for i, w in enumerate(load("speech")["words"])}
         print(f"agent up: model v{st['model_version']}, knows {st['classes']}", flush=True)
         matrix: list[list[float]] = []
         live: list[dict[str, Any]] = []
@@ -196,7 +211,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             since = len(monitor.preds)
             time.sleep(cfg.live_window_s)
             known = {lab for t in client.request("tasks")["tasks"] for lab in t["labels"]}
-            live.append(monitor.window(since, known))
+            live.append(monitor.window(since, known, class_of))
             ev = _wait_job(client, client.request("evaluate", {"split": cfg.eval_split})["job"], cfg.job_timeout_s)
             row = [t["accuracy"] for t in (ev.get("result") or {}).get("tasks", [])]
             matrix.append(row)

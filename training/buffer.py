@@ -157,25 +157,26 @@ class ReplayBuffer:
         return {int(c): int(n) for c, n in zip(labels, counts, strict=True)}
 
     # ---- insertion ----------------------------------------------------------------------------
-    def _write(self, slot: int, taps: dict[str, list[np.ndarray]], present: np.ndarray, *, label: int, task: int,
-               stamp_ns: int) -> None:
+    def _write(self, slots: np.ndarray, taps: dict[str, list[np.ndarray]], present: np.ndarray, *,
+               labels: np.ndarray, task: int, stamps: np.ndarray) -> None:
+        """Store rows (taps (n, dim) per level) into ``slots`` (quantising vector by vector)."""
         assert self.schema is not None
         for m, dims in self.schema.items():
             for b, dim in enumerate(dims):
-                x = np.asarray(taps[m][b], np.float32).reshape(-1)
-                if x.shape[0] != dim:
-                    raise ValueError(f"tap {m}[{b}] has {x.shape[0]} values, the buffer stores {dim}")
+                x = np.asarray(taps[m][b], np.float32).reshape(len(slots), -1)
+                if x.shape[1] != dim:
+                    raise ValueError(f"tap {m}[{b}] has {x.shape[1]} values, the buffer stores {dim}")
                 if self.dtype == "float16":
-                    self._taps[m][b][slot] = np.clip(x, -65504, 65504).astype(np.float16)
+                    self._taps[m][b][slots] = np.clip(x, -65504, 65504).astype(np.float16)
                 else:
-                    amax = float(np.max(np.abs(x))) if x.size else 0.0
-                    scale = amax / 127.0 if amax > 0 else 1.0
-                    self._taps[m][b][slot] = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-                    self._scales[m][b][slot] = scale
-        self._present[slot] = present
-        self._labels[slot] = label
-        self._tasks[slot] = task
-        self._stamps[slot] = stamp_ns
+                    amax = np.abs(x).max(axis=1) if dim else np.zeros(len(slots), np.float32)
+                    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+                    self._taps[m][b][slots] = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+                    self._scales[m][b][slots] = scale
+        self._present[slots] = present
+        self._labels[slots] = labels
+        self._tasks[slots] = task
+        self._stamps[slots] = stamps
 
     def add(self, taps: dict[str, list[np.ndarray]], present: np.ndarray, label: int, task: int,
             stamp_ns: int = 0) -> None:
@@ -190,8 +191,10 @@ class ReplayBuffer:
             raise ValueError(f"present has {present.shape[0]} entries, expected {len(self.schema)}")
         label = int(label)
         self.seen[label] = self.seen.get(label, 0) + 1
+        one = {m: [np.asarray(x).reshape(1, -1) for x in lv] for m, lv in taps.items()}
         if self._n < self.capacity:
-            self._write(self._n, taps, present, label=label, task=task, stamp_ns=stamp_ns)
+            self._write(np.array([self._n]), one, present[None], labels=np.array([label]), task=task,
+                        stamps=np.array([stamp_ns]))
             self._n += 1
             return
         labels = self._labels[: self._n]
@@ -205,15 +208,32 @@ class ReplayBuffer:
             if self._rng.random() >= len(own) / self.seen[label]:
                 return
             slot = int(self._rng.choice(own))
-        self._write(slot, taps, present, label=label, task=task, stamp_ns=stamp_ns)
+        self._write(np.array([slot]), one, present[None], labels=np.array([label]), task=task,
+                    stamps=np.array([stamp_ns]))
 
     def add_batch(self, taps: dict[str, list[np.ndarray]], present: np.ndarray, labels: np.ndarray, task: int,
                   stamps: np.ndarray | None = None) -> None:
-        """``add`` for each row of (N, dim) tap arrays, in order."""
+        """``add`` for each row of (N, dim) tap arrays, in order (rows that fit in free slots in one write)."""
+        labels = np.asarray(labels, np.int64).reshape(-1)
         n = len(labels)
-        for i in range(n):
-            self.add({m: [x[i] for x in lv] for m, lv in taps.items()}, present[i], int(labels[i]), task,
-                     int(stamps[i]) if stamps is not None else 0)
+        present = np.asarray(present, bool).reshape(n, -1)
+        stamps = np.zeros(n, np.int64) if stamps is None else np.asarray(stamps, np.int64)
+        start = 0
+        if n and self.schema is None:
+            self.add({m: [x[0] for x in lv] for m, lv in taps.items()}, present[0], int(labels[0]), task, int(stamps[0]))
+            start = 1
+        if self.schema is not None and n > start and list(taps) == list(self.schema):
+            free = min(self.capacity - self._n, n - start)
+            if free > 0:
+                rows = slice(start, start + free)
+                self._write(np.arange(self._n, self._n + free), {m: [x[rows] for x in lv] for m, lv in taps.items()},
+                            present[rows], labels=labels[rows], task=task, stamps=stamps[rows])
+                for y in labels[rows]:
+                    self.seen[int(y)] = self.seen.get(int(y), 0) + 1
+                self._n += free
+                start += free
+        for i in range(start, n):
+            self.add({m: [x[i] for x in lv] for m, lv in taps.items()}, present[i], int(labels[i]), task, int(stamps[i]))
 
     # ---- reading ------------------------------------------------------------------------------
     def _gather(self, idx: np.ndarray) -> ReplayBatch:

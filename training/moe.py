@@ -1,0 +1,208 @@
+"""Cross-modality mixture-of-experts adapter (seed 001) for the ladder side network.
+
+At every tap level the side network holds one token per modality, ``U = [u_1..u_K]`` (B, K, d).
+A gate looks at the pooled present tokens and picks the top-k of E experts; each expert builds
+a K x K cross-modal attention map from its own query/key projections and sends a bottleneck
+value path (d -> r -> d) through it; the gated sum is added residually to every present token:
+
+    h_k = u_k + sum_{e in topk} g_e * (softmax(q_e(U) k_e(U)^T / sqrt(r)) v_e(U))_k
+
+Why these choices:
+
+- Absent modalities are masked as attention keys and excluded from the gate's pooling, so a
+  dropped sensor cannot influence the present ones; their own tokens pass through unchanged
+  (the side network's learned "absent" embedding stays what it is).
+- Experts are separate ``nn.Module`` s so that ``freeze`` can set ``requires_grad = False`` on
+  exactly one expert's tensors (the optimizer is then rebuilt over trainable tensors only, so
+  frozen experts have no optimizer state). The forward pass concatenates the expert weights
+  and runs all experts densely as two GEMMs (query/key/down for all experts at once; the
+  up-projection after attention and gating, which commute with it because it is linear): with
+  K = 3 tokens and E = 10 this is far cheaper on 2 CPU cores than per-expert dispatch.
+  Unselected experts have a zero gate, so they get exactly zero gradient.
+- The pre-expert LayerNorm has no affine parameters: a shared, trainable normalisation would
+  keep changing what frozen experts see.
+- Routing shares are counted per task in ``usage`` (selection counts); the share of expert e is
+  ``usage[e] / usage.sum()`` (top-k selections sum to k per sample, so shares sum to 1 and the
+  uniform share is 1/E).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+class Expert(nn.Module):
+    """One expert: query/key projections for a K x K attention map and a bottleneck value path."""
+
+    def __init__(self, *, d: int, bottleneck: int) -> None:
+        super().__init__()
+        self.wq = nn.Parameter(torch.empty(d, bottleneck))
+        self.wk = nn.Parameter(torch.empty(d, bottleneck))
+        self.down = nn.Parameter(torch.empty(d, bottleneck))
+        self.down_b = nn.Parameter(torch.zeros(bottleneck))
+        self.up = nn.Parameter(torch.empty(bottleneck, d))
+        self.up_b = nn.Parameter(torch.zeros(d))
+        for w in (self.wq, self.wk, self.down):
+            nn.init.normal_(w, std=1.0 / math.sqrt(d))
+        # Small (not zero) up-projection: the adapter starts close to identity, but every
+        # weight gets a gradient from the first step.
+        nn.init.normal_(self.up, std=0.01 / math.sqrt(bottleneck))
+
+
+class CrossModalMoE(nn.Module):
+    """Top-k gated mixture of cross-modal attention experts over K modality tokens.
+
+    ``forward(u (B,K,d), present (B,K) bool) -> (h (B,K,d), gates (B,E))``; ``gates`` is zero
+    outside each sample's top-k and softmax-normalised over the selected logits.
+    ``aux_loss`` holds the Switch-style load-balancing loss of the last forward pass.
+    """
+
+    usage: Tensor
+    frozen: Tensor
+
+    def __init__(
+        self,
+        *,
+        d: int,
+        n_modalities: int,
+        n_experts: int = 10,
+        top_k: int = 2,
+        bottleneck: int = 32,
+        gate_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if d <= 0:
+            raise ValueError(f"d must be > 0, got {d}")
+        if n_modalities <= 0:
+            raise ValueError(f"n_modalities must be > 0, got {n_modalities}")
+        if n_experts <= 0:
+            raise ValueError(f"n_experts must be > 0, got {n_experts}")
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        if bottleneck <= 0:
+            raise ValueError(f"bottleneck must be > 0, got {bottleneck}")
+        if gate_noise < 0:
+            raise ValueError(f"gate_noise must be >= 0, got {gate_noise}")
+        self.d, self.n_modalities, self.n_experts = d, n_modalities, n_experts
+        self.top_k, self.bottleneck, self.gate_noise = top_k, bottleneck, gate_noise
+        self.gate = nn.Linear(d, n_experts)
+        nn.init.normal_(self.gate.weight, std=0.1 / math.sqrt(d))
+        nn.init.zeros_(self.gate.bias)
+        self.experts = nn.ModuleList(Expert(d=d, bottleneck=bottleneck) for _ in range(n_experts))
+        self.register_buffer("usage", torch.zeros(n_experts))
+        self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool))
+        self.count_usage = False
+        self.aux_loss: Tensor = torch.zeros(())
+        # Buffers are restored by load_state_dict, requires_grad is not: re-apply it.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._apply_freeze())
+
+    def __getstate__(self) -> dict:
+        # aux_loss is part of the last step's autograd graph: copies and pickles drop it.
+        state = self.__dict__.copy()
+        state["aux_loss"] = torch.zeros(())
+        return state
+
+    # -- routing bookkeeping -------------------------------------------------------------
+    def reset_usage(self) -> None:
+        """Start counting a new task's routing."""
+        self.usage.zero_()
+
+    def shares(self) -> Tensor:
+        """Routing share per expert over what was counted since ``reset_usage`` (zeros if nothing)."""
+        total = self.usage.sum()
+        return self.usage / total if total > 0 else torch.zeros_like(self.usage)
+
+    def freeze(self, experts: Tensor) -> None:
+        """Freeze the given experts for good (bool mask (E,)): no gradient, so no optimizer state."""
+        experts = torch.as_tensor(experts, dtype=torch.bool, device=self.frozen.device)
+        if experts.shape != (self.n_experts,):
+            raise ValueError(f"experts mask must have shape ({self.n_experts},), got {tuple(experts.shape)}")
+        self.frozen |= experts
+        self._apply_freeze()
+
+    def _apply_freeze(self) -> None:
+        for e, expert in enumerate(self.experts):
+            for p in expert.parameters():
+                p.requires_grad_(not bool(self.frozen[e]))
+
+    # -- forward -------------------------------------------------------------------------
+    def route(self, x: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate on the mean of present tokens: returns (sparse gates (B,E), full softmax probs (B,E))."""
+        w = present.to(x.dtype).unsqueeze(-1)
+        pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        logits = self.gate(pooled)
+        if self.training and self.gate_noise > 0:
+            logits = logits + torch.randn_like(logits) * (self.gate_noise / self.n_experts)
+        top_val, top_idx = logits.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_val, dim=-1))
+        return gates, torch.softmax(logits, dim=-1)
+
+    def forward(self, u: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        if u.dim() != 3 or u.shape[1] != self.n_modalities or u.shape[2] != self.d:
+            raise ValueError(f"u must be (B, {self.n_modalities}, {self.d}), got {tuple(u.shape)}")
+        present = present.to(torch.bool)
+        if present.shape != u.shape[:2]:
+            raise ValueError(f"present must be {tuple(u.shape[:2])}, got {tuple(present.shape)}")
+        x = F.layer_norm(u, (self.d,))
+        gates, probs = self.route(x, present)
+
+        e_, r = self.n_experts, self.bottleneck
+        b, k = u.shape[:2]
+        # One GEMM for every expert's query, key and value-down projection: (d, 3*E*r).
+        w_in = torch.cat([torch.cat([ex.wq, ex.wk, ex.down], dim=1) for ex in self.experts], dim=1)
+        proj = (x.reshape(b * k, self.d) @ w_in).view(b, k, e_, 3, r).permute(3, 0, 2, 1, 4)  # (3,B,E,K,r)
+        q, key = proj[0], proj[1]
+        down_b = torch.stack([ex.down_b for ex in self.experts])  # (E, r)
+        hidden = F.gelu(proj[2] + down_b[None, :, None, :])  # (B,E,K,r)
+        # K is tiny (3): broadcast-multiply-sum beats B*E batched 3x3 matmuls on a CPU.
+        scores = (q.unsqueeze(3) * key.unsqueeze(2)).sum(-1) / math.sqrt(r)  # (B,E,K,K)
+        scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
+        # A sample with no present modality has no keys: give it a zero map instead of NaN.
+        any_key = present.any(-1)
+        attn = torch.where(any_key[:, None, None, None],
+                           torch.softmax(scores.masked_fill(~any_key[:, None, None, None], 0.0), dim=-1), 0.0)
+        # The up-projection is linear, so attention and gating go before it and all experts'
+        # up-projections become one GEMM: sum_e g_e A_e (H_e W_up_e + b_e) = [g_e A_e H_e]_e W_up + g b.
+        mixed_h = (attn.unsqueeze(-1) * hidden.unsqueeze(2)).sum(3) * gates[:, :, None, None]  # (B,E,K,r)
+        w_up = torch.cat([ex.up for ex in self.experts], dim=0)  # (E*r, d)
+        up_b = torch.stack([ex.up_b for ex in self.experts])  # (E, d)
+        mixed = mixed_h.permute(0, 2, 1, 3).reshape(b, k, e_ * r) @ w_up
+        mixed = mixed + ((gates * any_key[:, None].to(gates.dtype)) @ up_b).unsqueeze(1)
+        h = u + mixed * present.unsqueeze(-1).to(u.dtype)
+
+        # Switch-Transformer load balancing: E * sum_e (fraction routed to e) * (mean prob of e).
+        dispatched = (gates > 0).to(u.dtype)
+        frac = dispatched.mean(0) / self.top_k
+        self.aux_loss = self.n_experts * (frac.detach() * probs.mean(0)).sum()
+        if self.count_usage and self.training:
+            with torch.no_grad():
+                self.usage += dispatched.sum(0)
+        return h, gates
+
+
+def moe_modules(model: nn.Module) -> list[CrossModalMoE]:
+    """All MoE adapters of a model, in registration order (one per tap level)."""
+    return [m for m in model.modules() if isinstance(m, CrossModalMoE)]
+
+
+def freeze_busy_experts(model: nn.Module, threshold: float) -> list[Tensor]:
+    """After a task: freeze every expert whose routing share exceeded ``threshold``.
+
+    Returns the newly frozen mask per MoE module (for logging and plots).
+    """
+    newly = []
+    for moe in moe_modules(model):
+        busy = moe.shares() > threshold
+        new = busy & ~moe.frozen
+        moe.freeze(busy)
+        newly.append(new.clone())
+        log.info("MoE %d: shares %s, frozen now %d/%d", len(newly) - 1,
+                 [round(float(s), 3) for s in moe.shares()], int(moe.frozen.sum()), moe.n_experts)
+    return newly

@@ -1,0 +1,2 @@
+"""Continual-learning strategies, one short file each; see ``base.py`` for the hooks and
+``training.registry`` for lookup by name (every module here is discovered automatically)."""
