@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import cli_config
 from sensors.errors import WireError
 from sensors.mcap_io import jpeg_size
 from sensors.publish import stop_on_signals
@@ -243,19 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="TOML file with a [bridge] table")
     p.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(
-            ImageZmqBridgeConfig, args.config, "bridge",
-            connect=args.connect, publish=args.publish, topic=args.topic, to_rgb=args.to_rgb,
-            keep_jpeg=args.keep_jpeg, frame_id=args.frame_id, max_frames=args.max_frames, seconds=args.seconds,
-        )  # fmt: skip
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = cli_config(
+        ImageZmqBridgeConfig, args, "bridge",
+        connect=args.connect, publish=args.publish, topic=args.topic, to_rgb=args.to_rgb,
+        keep_jpeg=args.keep_jpeg, frame_id=args.frame_id, max_frames=args.max_frames, seconds=args.seconds,
+    )  # fmt: skip
+    if cfg is None:
         return 2
-    log.info("effective config: %s", format_config(cfg))
     stop = threading.Event()
     with stop_on_signals(stop), ImageZmqBridge(cfg) as bridge:
         log.info("bridging imagezmq %s -> %s topic %r", cfg.connect, bridge.endpoint, cfg.topic)

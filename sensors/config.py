@@ -117,3 +117,24 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def format_config(cfg: Any) -> str:
     """One line for the log: ``ClassName {"key": value, ...}``."""
     return f"{type(cfg).__name__} {json.dumps(to_dict(cfg), sort_keys=True)}"
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def cli_config(cls: type[T], args: Any, section: str, **overrides: Any) -> T | None:
+    """The start of every continua command-line tool, in one place: logging at
+    ``args.log_level``, then defaults <- ``args.config`` TOML ``[section]`` <- flag overrides,
+    then the effective config in the log. A bad config is printed (naming the key) and gives
+    None, so ``main`` can return 2 instead of a traceback."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=str(getattr(args, "log_level", "INFO")).upper(), format=LOG_FORMAT)
+    try:
+        cfg = load_config(cls, getattr(args, "config", None), section, **overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return None
+    logging.getLogger(cls.__module__).info("effective config: %s", format_config(cfg))
+    return cfg

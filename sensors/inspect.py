@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import cli_config
 from sensors.publish import stop_on_signals
 from sensors.transport import LosslessReader
 from sensors.wire import Audio, Image, Imu, Message
@@ -176,19 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="TOML file with an [inspect] table")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(
-            InspectConfig, args.config, "inspect",
-            connect=args.connect, topics=args.topics, count=args.count, seconds=args.seconds,
-            echo=args.echo, json=args.json,
-        )  # fmt: skip
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = cli_config(
+        InspectConfig, args, "inspect",
+        connect=args.connect, topics=args.topics, count=args.count, seconds=args.seconds,
+        echo=args.echo, json=args.json,
+    )  # fmt: skip
+    if cfg is None:
         return 2
-    log.info("effective config: %s", format_config(cfg))
     stop = threading.Event()
     with stop_on_signals(stop):
         result = inspect(cfg, stop, out=sys.stdout)

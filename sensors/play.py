@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import cli_config
 from sensors.mcap_io import Player
 from sensors.publish import stop_on_signals
 from sensors.transport import Publisher
@@ -110,20 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="TOML file with a [play] table")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(
-            PlayConfig, args.config, "play",
-            file=args.file, endpoint=args.endpoint, rate=args.rate, fast=args.fast, loop=args.loop,
-            topics=args.topics, keep_stamps=args.keep_stamps, sndhwm=args.sndhwm,
-            wait_subscribers=args.wait_subscribers, wait_timeout_s=args.wait_timeout_s,
-        )  # fmt: skip
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = cli_config(
+        PlayConfig, args, "play",
+        file=args.file, endpoint=args.endpoint, rate=args.rate, fast=args.fast, loop=args.loop,
+        topics=args.topics, keep_stamps=args.keep_stamps, sndhwm=args.sndhwm,
+        wait_subscribers=args.wait_subscribers, wait_timeout_s=args.wait_timeout_s,
+    )  # fmt: skip
+    if cfg is None:
         return 2
-    log.info("effective config: %s", format_config(cfg))
     stop = threading.Event()
     try:
         with stop_on_signals(stop):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import cli_config
 from sensors.errors import WireError
 from sensors.mcap_io import Recorder
 from sensors.publish import stop_on_signals
@@ -125,19 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="TOML file with a [record] table")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(
-            RecordConfig, args.config, "record",
-            connect=args.connect, out=args.out, topics=args.topics, seconds=args.seconds,
-            max_messages=args.max_messages, compression=args.compression,
-        )  # fmt: skip
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = cli_config(
+        RecordConfig, args, "record",
+        connect=args.connect, out=args.out, topics=args.topics, seconds=args.seconds,
+        max_messages=args.max_messages, compression=args.compression,
+    )  # fmt: skip
+    if cfg is None:
         return 2
-    log.info("effective config: %s", format_config(cfg))
     stop = threading.Event()
     with stop_on_signals(stop):
         summary = record(cfg, stop)
