@@ -4,7 +4,7 @@ scenarios.
 
     from training.model import ModelConfig, SideNetwork
     from training.registry import create
-    from training.scenarios import TaskData
+    from training.taskdata import TaskData
 
     model = SideNetwork(ModelConfig(tap_dims={"image": [40, 112], "audio": [48, 96]}))
     strategy = create("replay", model)
