@@ -164,7 +164,10 @@ def _plot(matrix: list[list[float]], names: list[str], path: Path) -> None:
         for j in range(m.shape[1]):
             if not np.isnan(m[i, j]):
                 axes[1].text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-    axes[1].set(xlabel="task j", ylabel="after task i", title="accuracy matrix R[i][j]")
+    axes[1].set(xlabel="task j", ylabel="after task i", title="accuracy matrix R[i][j]",
+                xticks=range(m.shape[1]), yticks=range(m.shape[0]))
+    axes[1].set_xticklabels(names[: m.shape[1]])
+    axes[1].set_yticklabels(names[: m.shape[0]])
     fig.colorbar(im, ax=axes[1])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
