@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,6 +61,7 @@ class ServeConfig:
     torch_threads: int = 1  # the side network is tiny; the other core stays with the backbones
     backend_threads: int = 1
     idle_rate_hz: float = 30.0  # prediction rate when the camera is stale
+    job_nice: int = 10  # background jobs (capture, training) run at this nice level: serving comes first
     holdout: float = 0.2  # share of a new task's samples kept for the gate
     dataset_per_class: int = 60  # samples per class for a dataset:SPLIT source
     eval_per_class: int = 40  # samples per class for the evaluate command
@@ -302,6 +304,7 @@ class Agent:
     def learn(self, name: str, labels: list[str], source: dict[str, Any], handle: JobHandle) -> dict[str, Any]:
         """The learn-new-task job: collect -> train a copy -> gate -> commit -> swap."""
         t0 = time.perf_counter()
+        _lower_thread_priority(self.serve_cfg.job_nice)
         with self._lock:
             if any(t["name"] == name for t in self.tasks):
                 raise CommandError("bad_args", f"a task named {name!r} exists already; pick another name")
@@ -469,6 +472,17 @@ class Agent:
         if self._pub is not None:
             self._pub.close(0)
         self.features.close()
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Renice the calling thread only (Linux: a thread id is a PRIO_PROCESS target), so the
+    kernel schedules the serving threads first while a task trains on the same cores."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:  # not permitted here: train at normal priority
+        log.debug("could not renice the job thread: %s", exc)
 
 
 def _clone(learner: Learner) -> Learner:
