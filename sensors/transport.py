@@ -299,8 +299,9 @@ class _Intake:
     def snapshot(self) -> ReceiverStats:
         now = time.time_ns()
         rates = {}
-        for topic, arr in self.arrivals.items():
-            recent = [t for t in arr if now - t <= _RATE_WINDOW_NS]
+        # list() copies in C (atomic under the GIL): status may be read while the receive thread appends
+        for topic, arr in list(self.arrivals.items()):
+            recent = [t for t in list(arr) if now - t <= _RATE_WINDOW_NS]
             span = recent[-1] - recent[0] if len(recent) >= 2 else 0
             rates[topic] = (len(recent) - 1) * 1e9 / span if span > 0 else 0.0
         return ReceiverStats(
@@ -441,9 +442,16 @@ class LosslessReader:
         context: zmq.Context | None = None,
         rcvhwm: int = 0,
         max_topics: int = MAX_TOPICS,
+        max_invalid_hz: float = 0.0,
     ) -> None:
         ctx = context if context is not None else zmq.Context.instance()
         self._intake = _Intake(None if topics is None else list(topics), max_topics)
+        # Token bucket for messages that are dropped (invalid or filtered): above this rate the
+        # reader sleeps (GIL released) and lets its bounded queue push back on the sender, so a
+        # flood of junk costs a bounded share of a core. 0 = no limit.
+        self._max_invalid_hz = max_invalid_hz
+        self._tokens = max_invalid_hz / 10
+        self._tokens_t = time.monotonic()
         self._sock: zmq.Socket | None = _sub_socket(
             ctx, _endpoint_list(endpoints), None if topics is None else list(topics), rcvhwm
         )
@@ -466,8 +474,18 @@ class LosslessReader:
             got = self._intake.accept(frames, rx_ns)
             if got is not None:
                 return got[0], got[1], rx_ns
+            if self._max_invalid_hz:
+                self._throttle(deadline)
             if remaining_ms == 0:  # bounded even under a flood of invalid messages
                 return None
+
+    def _throttle(self, deadline: float) -> None:
+        now = time.monotonic()
+        rate = self._max_invalid_hz
+        self._tokens = min(rate / 10, self._tokens + (now - self._tokens_t) * rate) - 1
+        self._tokens_t = now
+        if self._tokens < 0:
+            time.sleep(min(-self._tokens / rate, max(0.0, deadline - now)))
 
     def stats(self) -> ReceiverStats:
         return self._intake.snapshot()
