@@ -54,6 +54,9 @@ LATEST = "LATEST"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
 _MARK = "__ndarray__"
+# Opt-in test hook, unset in production: seconds to sleep after each file a save writes, so
+# that a reliability test can SIGKILL the agent deterministically in the middle of a save.
+_SLOW_SAVE_ENV = "CONTINUA_TEST_SLOW_SAVE_S"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +284,8 @@ class CheckpointStore:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        if _SLOW_SAVE_ENV in os.environ:  # test hook, off by default (see _SLOW_SAVE_ENV)
+            time.sleep(float(os.environ[_SLOW_SAVE_ENV]))
 
     def _retain(self) -> None:
         """Keep the ``keep`` newest checkpoints (and LATEST's); bound corrupt/ and rolled-back/."""

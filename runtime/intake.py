@@ -39,6 +39,8 @@ class IntakeConfig:
     stale_s: float = 1.0
     audio_window: int = 16000  # 1 s at 16 kHz
     imu_window: int = 100  # 1 s at 100 Hz
+    rcvhwm: int = 10_000  # messages ZeroMQ may queue ahead of the intake thread: a flood cannot grow memory
+    max_invalid_hz: float = 2000.0  # malformed messages handled per second at most: a flood cannot starve serving
 
     def __post_init__(self) -> None:
         if self.stale_s <= 0:
@@ -85,13 +87,15 @@ class SensorIntake:
         self._last_rx: dict[str, float] = {}
         self._last_stamp: dict[str, int] = {}
         self._counts: dict[str, int] = dict.fromkeys(MODALITIES, 0)
+        self._rejected: dict[str, int] = {}  # well-formed on the wire, unusable here (wrong kind, rate...)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reader: LosslessReader | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SensorIntake:
-        self._reader = LosslessReader(self.cfg.endpoints, list(self._topic_of), context=self._ctx)
+        self._reader = LosslessReader(self.cfg.endpoints, list(self._topic_of), context=self._ctx,
+                                      rcvhwm=self.cfg.rcvhwm, max_invalid_hz=self.cfg.max_invalid_hz)
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
         return self
@@ -118,7 +122,10 @@ class SensorIntake:
             try:
                 self._ingest(modality, msg)
             except (ValueError, TypeError) as exc:  # wrong shape for this modality: count, go on
-                log.warning("dropping %s message on %r: %s", modality, topic, exc)
+                reason = f"{modality}:{type(exc).__name__}"
+                n = self._rejected[reason] = self._rejected.get(reason, 0) + 1
+                if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: a flood of them does not flood the log
+                    log.warning("dropping %s message on %r (%d so far): %s", modality, topic, n, exc)
 
     def _ingest(self, modality: str, msg: Image | Audio | Imu) -> None:
         now = time.monotonic()
@@ -196,7 +203,9 @@ class SensorIntake:
             }
 
     def reader_stats(self) -> dict:
-        return {} if self._reader is None else _plain(self._reader.stats())
+        stats = {} if self._reader is None else _plain(self._reader.stats())
+        stats["rejected"] = dict(self._rejected)
+        return stats
 
 
 def _to_rgb(msg: Image) -> np.ndarray:

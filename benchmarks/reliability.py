@@ -1,0 +1,679 @@
+"""Reliability report: kills, corrupt state, malformed floods, unauthenticated control, soak.
+
+Usage::
+
+    python -m benchmarks.reliability                 # 10-minute soak, 10 random kills
+    python -m benchmarks.reliability --minutes 3     # shorter soak
+
+Everything runs as real processes on 127.0.0.1: dataset publishers
+(``python -m sensors.datasets.publish``) and the agent (``python -m runtime.agent --config
+<tmp toml>``). The first part of this module is the process harness shared with
+``tests/runtime/test_reliability.py`` (via ``tests/runtime/conftest.py``): free ports, keys,
+config TOML, bounded start/stop. The report then runs
+
+- a randomised SIGKILL/restart loop (idle, capture, training, checkpoint write), checking
+  after each restart that the agent resumed the last committed state bit for bit;
+- a flood of malformed sensor messages (random bytes and mutated valid messages) while
+  serving, with p99 prediction latency compared to a clean run measured just before;
+- a flood of control requests without a valid CurveZMQ key;
+- a soak at full sensor rate, sampling the agent's RSS.
+
+and prints one JSON line; ``benchmarks/results/reliability.json`` and
+``benchmarks/results/reliability_rss.png`` are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+import zmq
+
+from runtime import keys
+from runtime.checkpoints import CheckpointStore
+from runtime.console import ControlClient
+from runtime.errors import ControlTimeoutError, RemoteError
+
+REPO = Path(__file__).resolve().parents[1]
+TASK0 = ["t-shirt", "trouser"]
+TASK1 = ["pullover", "dress"]
+SLOW_SAVE_ENV = "CONTINUA_TEST_SLOW_SAVE_S"
+
+
+# --------------------------------------------------------------------------- harness
+def free_port() -> int:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REP)
+    try:
+        return s.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        s.close(0)
+
+
+def make_keys(root: Path) -> Path:
+    kdir = root / "keys"
+    if not (kdir / "server.key_secret").exists():
+        keys.create("server", kdir)
+        keys.create("op", kdir)
+        keys.create("op2", kdir)
+    return kdir
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class Proc:
+    """A child process with its output in a log file; every wait is bounded."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        full_env = {k: v for k, v in os.environ.items() if k != SLOW_SAVE_ENV}
+        full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
+        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                      env=full_env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, the power cut."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGKILL)
+        self.wait(10.0)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+        rc = self.wait(timeout_s)
+        if rc is None:
+            self.kill()
+        return self.popen.returncode
+
+    def wait(self, timeout_s: float) -> int | None:
+        try:
+            rc = self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+        self._log.close()
+        return rc
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def start_publisher(root: Path, name: str, endpoint: str, *, topics: tuple[str, ...] = ("camera", "mic", "imu"),
+                    classes: tuple[int, ...] = (0, 1), seed: int = 0) -> Proc:
+    """Dataset publishers as a process; topics not in ``topics`` go to names the agent ignores."""
+    table: dict[str, Any] = {"endpoint": endpoint, "split": "test", "classes": list(classes), "dwell_s": 1.0,
+                             "camera_resample": "frame", "seed": seed, "truth_topic": f"off-truth-{name}"}
+    for t, key in (("camera", "camera_topic"), ("mic", "mic_topic"), ("imu", "imu_topic")):
+        table[key] = t if t in topics else f"off-{t}"
+    cfg = write_toml(root / f"pub-{name}.toml", {"publishers": table})
+    return Proc(f"pub-{name}", ["-m", "sensors.datasets.publish", "--config", str(cfg)], root / f"pub-{name}.log")
+
+
+@dataclass
+class AgentSetup:
+    """Everything needed to (re)start one agent: ports, keys, state directory, config file."""
+
+    root: Path
+    kdir: Path
+    sensors: list[str]
+    state: Path
+    pred_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    serve: dict[str, Any] = field(default_factory=dict)
+    control: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def control_ep(self) -> str:
+        return f"tcp://127.0.0.1:{self.control_port}"
+
+    @property
+    def pred_ep(self) -> str:
+        return f"tcp://127.0.0.1:{self.pred_port}"
+
+    def config(self) -> Path:
+        return write_toml(self.root / "agent.toml", {
+            "agent": {"sensors": self.sensors, "predictions": self.pred_ep, "backend": "onnxruntime",
+                      "model_dir": REPO / "models", "checkpoint_dir": self.state, "min_new_task_acc": 0.3,
+                      "max_old_task_drop": 0.6},
+            "control": {"endpoint": self.control_ep, "keys_dir": self.kdir, **self.control},
+            "serve": {"dataset_per_class": 30, "eval_per_class": 20, **self.serve},
+            "learner": {"threads": 1},
+        })
+
+    def client(self, key: str = "op", timeout_s: float = 10.0) -> ControlClient:
+        return ControlClient(self.control_ep, keys_dir=self.kdir, key_name=key, timeout_s=timeout_s)
+
+
+class Agent:
+    """``python -m runtime.agent --config`` as a process plus a console client."""
+
+    def __init__(self, setup: AgentSetup, *, env: dict[str, str] | None = None, tag: str = "agent") -> None:
+        self.setup = setup
+        self.proc = Proc(tag, ["-m", "runtime.agent", "--config", str(setup.config())], setup.root / f"{tag}.log", env)
+        self.client = setup.client()
+
+    def wait_ready(self, timeout_s: float = 60.0, predictions: bool = True) -> dict:
+        """Status once the control socket answers (and, with ``predictions``, it has predicted)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if not self.proc.alive():
+                raise RuntimeError(f"agent exited with {self.proc.popen.returncode}:\n{self.proc.log_text()[-3000:]}")
+            try:
+                st = self.client.request("status", timeout_s=2.0)
+            except ControlTimeoutError:
+                continue
+            if not predictions or st["predictions"] > 0:
+                return st
+            time.sleep(0.2)
+        raise TimeoutError(f"agent not ready in {timeout_s} s:\n{self.proc.log_text()[-3000:]}")
+
+    def status(self) -> dict:
+        return self.client.request("status")
+
+    def wait_job(self, job: str, timeout_s: float = 120.0, until: Any = None) -> dict:
+        """Poll the job until it ends (or ``until(snapshot)`` is true); bounded."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            snap = self.client.request("job", {"id": job})
+            if snap["state"] != "running" or (until is not None and until(snap)):
+                return snap
+            time.sleep(0.05)
+        raise TimeoutError(f"job {job} still running after {timeout_s} s")
+
+    def learn(self, name: str, labels: list[str]) -> str:
+        return self.client.request("learn-new-task", {"name": name, "labels": labels, "source": "dataset:train"})["job"]
+
+    def kill(self) -> None:
+        self.client.close()
+        self.proc.kill()
+
+    def stop(self) -> int | None:
+        self.client.close()
+        return self.proc.stop()
+
+
+def subscribe_predictions(endpoint: str) -> zmq.Socket:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(endpoint)
+    sub.subscribe(b"prediction")
+    return sub
+
+
+def collect_predictions(sub: zmq.Socket, seconds: float, max_n: int = 100_000) -> list[dict]:
+    out: list[dict] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and len(out) < max_n:
+        if sub.poll(100):
+            out.append(msgpack.unpackb(sub.recv_multipart()[-1]))
+    return out
+
+
+# --------------------------------------------------------------------------- committed state
+def committed(state_dir: Path) -> tuple[dict, dict] | None:
+    """(state, meta) of the latest good checkpoint, read from a *copy* (nothing moves on disk)."""
+    if not state_dir.is_dir():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "s"
+        shutil.copytree(state_dir, copy, ignore=shutil.ignore_patterns(".tmp-*"))
+        try:
+            res = CheckpointStore(copy).load_latest()
+        except Exception:
+            return None
+        return res.state, res.meta
+
+
+def diff_states(a: Any, b: Any, where: str = "") -> list[str]:
+    """Differences between two checkpoint states (empty: bit-identical)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+              and a.shape == b.shape and torch.equal(a, b))
+        return [] if ok else [where]
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        ok = (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+              and a.shape == b.shape and a.tobytes() == b.tobytes())
+        return [] if ok else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where} keys {sorted(map(str, set(a) ^ set(b)))}"]
+        return [d for k in a for d in diff_states(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{where} len {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in diff_states(x, y, f"{where}[{i}]")]
+    if a != b and not (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b)):
+        return [f"{where}: {a!r} != {b!r}"]
+    return []
+
+
+# --------------------------------------------------------------------------- malformed sensor messages
+SENSOR_TOPICS = ("camera", "mic", "imu")
+
+
+def valid_frames(rng: np.random.Generator) -> list[bytes]:
+    """One well-formed wire message on a random sensor topic (the seed of a mutation)."""
+    from sensors.wire import Audio, Image, Imu, encode, new_session_id
+
+    topic = SENSOR_TOPICS[int(rng.integers(3))]
+    common = {"seq": int(rng.integers(1 << 20)), "stamp_ns": time.time_ns(), "session": new_session_id()}
+    if topic == "camera":
+        msg: Any = Image(data=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), **common)
+    elif topic == "mic":
+        msg = Audio(data=rng.integers(-99, 99, (320, 1), dtype=np.int16), **common)
+    else:
+        msg = Imu(stamps_ns=np.arange(10, dtype=np.int64) + common["stamp_ns"], values=rng.normal(size=(10, 10)), **common)
+    return [bytes(memoryview(f)) for f in encode(topic, msg)]
+
+
+def mutate(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:
+    """A broken copy: bit flips, truncation, wrong frame count, junk header, bad topic bytes."""
+    out = list(frames)
+    how = int(rng.integers(7))
+    if how == 0:  # flip bytes in the header
+        h = bytearray(out[1])
+        for i in rng.integers(0, len(h), size=int(rng.integers(1, 4))):
+            h[i] ^= 1 << int(rng.integers(8))
+        out[1] = bytes(h)
+    elif how == 1:  # truncate or extend a payload
+        i = int(rng.integers(2, len(out)))
+        out[i] = out[i][: int(rng.integers(len(out[i])))] if rng.random() < 0.5 else out[i] + b"\0" * int(rng.integers(1, 64))
+    elif how == 2:  # drop or add a frame
+        out = out[:-1] if rng.random() < 0.5 else [*out, rng.bytes(int(rng.integers(0, 32)))]
+    elif how == 3:  # random bytes as the header
+        out[1] = rng.bytes(int(rng.integers(0, 64)))
+    elif how == 4:  # a header field of the wrong type or range
+        import msgpack as mp
+
+        h = mp.unpackb(out[1])
+        key = list(h)[int(rng.integers(len(h)))]
+        h[key] = [None, -1, 2**64 - 1, "x" * 300, 1.5, [], {}][int(rng.integers(7))]
+        out[1] = mp.packb(h)
+    elif how == 5:  # a topic that is not UTF-8 (still matches the subscription prefix)
+        out[0] = out[0] + b"\xff\xfe"
+    else:  # a bare topic, or the topic and random bytes
+        out = [out[0]] if rng.random() < 0.5 else [out[0], rng.bytes(int(rng.integers(0, 256)))]
+    return out
+
+
+def wire_reason(frames: list[bytes]) -> str | None:
+    """The ``WireError.reason`` the agent's receiver will count for ``frames`` (None: valid)."""
+    from sensors.errors import WireError
+    from sensors.wire import decode
+
+    try:
+        decode(frames)
+    except WireError as exc:
+        return exc.reason
+    return None
+
+
+def malformed_corpus(n: int, seed: int = 0) -> list[tuple[list[bytes], str]]:
+    """``n`` messages that the wire decoder must reject, each with the reason it will count."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[list[bytes], str]] = []
+    while len(out) < n:
+        frames = mutate(valid_frames(rng), rng)
+        reason = wire_reason(frames)
+        if reason is not None:
+            out.append((frames, reason))
+    return out
+
+
+def flood(endpoint: str, corpus: list[tuple[list[bytes], str]], *, seconds: float, max_messages: int = 10**9,
+          rate_hz: float = 0.0) -> dict[str, int]:
+    """Send the corpus round and round from a bound XPUB with an unlimited queue; returns the
+    reasons sent once every message has left (own context, lingering close: nothing is lost).
+    ``rate_hz`` 0 = as fast as this thread can; the agent's bounded receive queue then pushes back."""
+    sent: dict[str, int] = {}
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XPUB)
+    try:
+        sock.sndhwm = 0
+        sock.bind(endpoint)
+        subs, deadline = set(), time.monotonic() + 10.0
+        while len(subs) < len(SENSOR_TOPICS):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no subscriber on {endpoint}")
+            if sock.poll(100):
+                ev = sock.recv()
+                if ev[:1] == b"\x01":
+                    subs.add(ev[1:])
+        time.sleep(0.5)  # every connected subscriber has subscribed by now (XPUB reports a prefix once)
+        t0 = time.monotonic()
+        end = t0 + seconds
+        i = 0
+        while i < max_messages and time.monotonic() < end:
+            frames, reason = corpus[i % len(corpus)]
+            sock.send_multipart(frames, copy=False)
+            sent[reason] = sent.get(reason, 0) + 1
+            i += 1
+            if rate_hz and i % 100 == 0:
+                lag = t0 + i / rate_hz - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
+    finally:
+        sock.close(linger=60_000)
+        ctx.term()  # returns once the queue has been sent (or after the linger)
+    return sent
+
+
+# --------------------------------------------------------------------------- sensors and baseline
+class Sensors:
+    """Two publisher processes, ``av`` (camera + mic) and ``imu``, and a flood endpoint."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ports = {"av": free_port(), "imu": free_port()}
+        self.flood_ep = f"tcp://127.0.0.1:{free_port()}"  # bound by a flooder only while flooding
+        self.topics = {"av": ("camera", "mic"), "imu": ("imu",)}
+        self.procs = {name: self._start(name) for name in self.ports}
+
+    def _start(self, name: str) -> Proc:
+        return start_publisher(self.root, name, self.endpoint(name), topics=self.topics[name], seed=len(name))
+
+    def endpoint(self, name: str) -> str:
+        return f"tcp://127.0.0.1:{self.ports[name]}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [*(self.endpoint(n) for n in self.ports), self.flood_ep]
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+
+    def restart(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name] = self._start(name)
+
+    def ensure(self) -> None:
+        for name, proc in self.procs.items():
+            if not proc.alive():
+                self.procs[name] = self._start(name)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop(5.0)
+
+
+def fresh_setup(root: Path, sensors: Sensors, state_from: Path | None, name: str, *, flood: bool = False,
+                **kw: Any) -> AgentSetup:
+    """A new directory with (a copy of) a committed state, new ports, the shared keys;
+    ``flood``: also connect to the flood endpoint."""
+    d = root / f"{name}-{time.monotonic_ns()}"
+    d.mkdir()
+    state = d / "state"
+    if state_from is not None:
+        shutil.copytree(state_from, state)
+    eps = sensors.endpoints if flood else [e for e in sensors.endpoints if e != sensors.flood_ep]
+    return AgentSetup(root=d, kdir=make_keys(root), sensors=eps, state=state, **kw)
+
+
+def make_baseline(root: Path, sensors: Sensors, tasks: int = 2) -> dict[str, Path]:
+    """Committed states ``v1`` (task0) and ``v2`` (task0, task1), copied aside as templates."""
+    setup = fresh_setup(root, sensors, None, "baseline")
+    agent = Agent(setup, tag="baseline-agent")
+    out = {}
+    try:
+        agent.wait_ready(90)
+        for version, (name, labels) in enumerate((("task0", TASK0), ("task1", TASK1))[:tasks], start=1):
+            snap = agent.wait_job(agent.learn(name, labels), 180)
+            if snap["state"] != "done" or not snap["result"]["accepted"]:
+                raise RuntimeError(f"baseline task {name} not learned: {snap}")
+            out[f"v{version}"] = root / f"template-v{version}"
+            shutil.copytree(setup.state, out[f"v{version}"])
+    finally:
+        agent.stop()
+    return out
+
+
+# --------------------------------------------------------------------------- randomised kill loop
+LABEL_PAIRS = [["pullover", "dress"], ["coat", "sandal"], ["shirt", "sneaker"], ["bag", "ankle boot"]]
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and not diff_states(a[0], b[0]) and not diff_states(a[1], b[1])
+
+
+def kill_loop(setup: AgentSetup, *, restarts: int, seed: int = 0, slow_save_s: float = 0.02,
+              progress: Any = None) -> dict[str, Any]:
+    """SIGKILL the agent at a random moment of a random activity, restart, verify.
+
+    Verified: the committed state only moves forward (the same one bit for bit, or a newer
+    complete one), the restarted agent reports it (version, tasks) and holds it in memory
+    (a ``save`` right after the restart writes the same arrays). ``slow_save_s`` stretches
+    saves (test hook) so that random kills land inside checkpoint writes too.
+    """
+    rng = random.Random(seed)
+    env = {SLOW_SAVE_ENV: str(slow_save_s)} if slow_save_s else None
+    agent = Agent(setup, env=env, tag="loop-0")
+    agent.wait_ready(90, predictions=False)
+    res: dict[str, Any] = {"restarts": 0, "verified": 0, "states_lost": 0, "actions": {}, "phases": {},
+                           "versions_committed": [], "failures": []}
+    for i in range(restarts):
+        before = committed(setup.state)
+        action = rng.choice(["idle", "capture", "learn", "learn", "save"])
+        n_tasks = len(before[1]["tasks"]) if before else 0
+        if action == "learn" and n_tasks > len(LABEL_PAIRS):
+            action = "save"
+        try:
+            if action == "capture":
+                agent.client.request("teach", {"label": "mug", "seconds": 3.0})
+            elif action == "learn":
+                agent.learn(f"task{n_tasks}-{i}", LABEL_PAIRS[n_tasks - 1])
+            elif action == "save":
+                agent.client.call("save", timeout_s=0.05)
+        except (ControlTimeoutError, RemoteError):
+            pass
+        time.sleep(rng.uniform(0.0, 14.0 if action == "learn" else 2.0))
+        try:
+            job = agent.client.request("status", timeout_s=1.0)["job"]
+            phase = job["phase"].split(" ")[0] if job and job["state"] == "running" else "idle"
+        except (ControlTimeoutError, RemoteError):
+            phase = "busy"
+        agent.kill()
+        after = committed(setup.state)
+        ok = after is not None and (_same(before, after) or after[1]["version"] > before[1]["version"])
+        agent = Agent(setup, env=env, tag=f"loop-{i + 1}")
+        st = agent.wait_ready(90, predictions=False)
+        ok = ok and st["model_version"] == after[1]["version"] and st["tasks"] == [t["name"] for t in after[1]["tasks"]]
+        agent.client.request("save", timeout_s=30.0)
+        ok = ok and _same(after, committed(setup.state))
+        res["restarts"] += 1
+        res["verified"] += int(ok)
+        res["states_lost"] += int(not ok)
+        res["actions"][action] = res["actions"].get(action, 0) + 1
+        res["phases"][phase] = res["phases"].get(phase, 0) + 1
+        res["versions_committed"].append(after[1]["version"] if after else None)
+        if not ok:
+            res["failures"].append({"i": i, "action": action, "phase": phase, "status": st})
+        if progress is not None:
+            progress(i, action, phase, ok)
+    agent.stop()
+    return res
+
+
+# --------------------------------------------------------------------------- report
+def unauth_flood(setup: AgentSetup, root: Path, *, requests: int) -> dict[str, int]:
+    """Control requests from clients without a valid key (no Curve, unknown key): replies received."""
+    other = root / "mallory-keys"
+    if not other.exists():
+        keys.create("mallory", other)
+        shutil.copy(setup.kdir / "server.key", other / "server.key")
+    ctx = zmq.Context()
+    sent = replies = 0
+    try:
+        pub, sec = keys.client_keys(other, "mallory")
+        socks = []
+        for curve in (False, True) * 4:
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            if curve:
+                s.curve_serverkey, s.curve_publickey, s.curve_secretkey = keys.server_public_key(setup.kdir), pub, sec
+            s.connect(setup.control_ep)
+            socks.append(s)
+        cmds = ["shutdown", "rollback", "save", "status", "learn-new-task"]
+        end = time.monotonic() + 60.0
+        while sent < requests and time.monotonic() < end:
+            s = socks[sent % len(socks)]
+            try:
+                s.send(msgpack.packb({"id": sent, "cmd": cmds[sent % len(cmds)], "args": {}}), zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.001)
+            sent += 1
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for s in socks:
+                while s.poll(0):
+                    s.recv_multipart()
+                    replies += 1
+            time.sleep(0.05)
+    finally:
+        ctx.destroy(0)
+    return {"tried": sent, "accepted": replies}
+
+
+def _p99(preds: list[dict]) -> float | None:
+    return round(float(np.percentile([p["latency_ms"] for p in preds], 99)), 2) if preds else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="soak length")
+    ap.add_argument("--restarts", type=int, default=10, help="random kill/restart cycles")
+    ap.add_argument("--flood-rate", type=float, default=5000.0, help="malformed messages per second sent")
+    ap.add_argument("--flood-seconds", type=float, default=22.0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    print(f"config: {vars(args)}", file=sys.stderr)
+    root = Path(tempfile.mkdtemp(prefix="continua-reliability-"))
+    sensors = Sensors(root)
+    res: dict[str, Any] = {"crashes": 0}
+    try:
+        base = make_baseline(root, sensors, tasks=1)
+        print("kill loop...", file=sys.stderr)
+        loop = kill_loop(fresh_setup(root, sensors, base["v1"], "loop"), restarts=args.restarts, seed=int(time.time()),
+                         progress=lambda i, a, p, ok: print(f"  restart {i + 1}: {a} ({p}) ok={ok}", file=sys.stderr))
+        res.update(restarts=loop["restarts"], committed_states_verified=loop["verified"],
+                   states_lost=loop["states_lost"], kill_actions=loop["actions"], kill_phases=loop["phases"])
+        setup = fresh_setup(root, sensors, base["v1"], "serve", flood=True)
+        agent = Agent(setup, tag="serve-agent")
+        agent.wait_ready(90)
+        sub = subscribe_predictions(setup.pred_ep)
+        collect_predictions(sub, 2.0)
+        clean = collect_predictions(sub, 10.0)
+        print("flood...", file=sys.stderr)
+        before = agent.status()["intake"]["invalid"]
+        out: dict[str, Any] = {}
+        corpus = malformed_corpus(20_000, seed=2)
+        th = threading.Thread(target=lambda: out.update(sent=flood(sensors.flood_ep, corpus, seconds=args.flood_seconds,
+                                                                     rate_hz=args.flood_rate)))
+        th.start()
+        time.sleep(2.0)
+        flooded = collect_predictions(sub, max(2.0, args.flood_seconds - 4.0))
+        th.join(600)
+        sent = sum(out["sent"].values())
+        end = time.monotonic() + 300
+        while time.monotonic() < end and sum(agent.status()["intake"]["invalid"].values()) - sum(before.values()) < sent:
+            time.sleep(1.0)
+        after = agent.status()["intake"]["invalid"]
+        counted = sum(after.values()) - sum(before.values())
+        res["crashes"] += int(not agent.proc.alive())
+        res.update(malformed_tried=sent, malformed_counted=counted, malformed_by_reason=out["sent"],
+                   flood_rate_hz=args.flood_rate, p99_latency_ms_clean=_p99(clean), p99_latency_ms_flood=_p99(flooded),
+                   predictions_per_s_clean=round(len(clean) / 10.0, 1),
+                   predictions_per_s_flood=round(len(flooded) / max(2.0, args.flood_seconds - 4.0), 1))
+        print("unauthenticated control flood...", file=sys.stderr)
+        v0 = agent.status()["model_version"]
+        ua = unauth_flood(setup, root, requests=20_000)
+        res.update(unauth_requests_tried=ua["tried"], unauth_requests_accepted=ua["accepted"])
+        res["crashes"] += int(not agent.proc.alive() or agent.status()["model_version"] != v0)
+        print(f"soak {args.minutes} min...", file=sys.stderr)
+        t0 = time.monotonic()
+        series: list[tuple[float, float]] = []
+        while time.monotonic() - t0 < args.minutes * 60:
+            series.append((time.monotonic() - t0, agent.proc.rss_mb()))
+            time.sleep(2.0)
+        soak_preds = collect_predictions(sub, 5.0)
+        sub.close(0)
+        warm = [r for t, r in series if t >= min(30.0, args.minutes * 30)]
+        res.update(soak_minutes=args.minutes, rss_mb_start=round(warm[0], 1), rss_mb_end=round(series[-1][1], 1),
+                   rss_growth_mb=round(max(r for _, r in series[-5:]) - warm[0], 1),
+                   soak_p99_latency_ms=_p99(soak_preds))
+        res["crashes"] += int(not agent.proc.alive())
+        agent.stop()
+        args.out.mkdir(parents=True, exist_ok=True)
+        _plot(series, args.out / "reliability_rss.png")
+    finally:
+        sensors.stop()
+    (args.out / "reliability.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return 0 if res["states_lost"] == 0 and res["crashes"] == 0 and res["unauth_requests_accepted"] == 0 else 1
+
+
+def _plot(series: list[tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([t / 60 for t, _ in series], [r for _, r in series])
+    ax.set_xlabel("minutes at full sensor rate")
+    ax.set_ylabel("agent RSS (MB)")
+    ax.set_title("continua agent soak: resident memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
