@@ -90,6 +90,26 @@ class CheckpointInfo:
     latest: bool
 
 
+def _disk_reason(root: Path, exc: BaseException) -> str:
+    """Say "disk full" / "read-only" in words: torch wraps ENOSPC in an opaque RuntimeError."""
+    import errno
+
+    codes = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in codes:
+            return codes[cause.errno]
+        cause = cause.__cause__ or cause.__context__
+    try:
+        st = os.statvfs(root)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "disk full"
+    except OSError:
+        pass
+    return "write failed"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -261,8 +281,9 @@ class CheckpointStore:
                 raise
         except (OSError, RuntimeError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            log.error("checkpoint %s not written: %s", name, exc)
-            raise CheckpointWriteError(f"cannot write checkpoint {final}: {exc}") from exc
+            why = _disk_reason(self.root, exc)
+            log.error("checkpoint %s not written: %s (%s)", name, why, exc)
+            raise CheckpointWriteError(f"cannot write checkpoint {final}: {why} ({exc})") from exc
         log.info("checkpoint %s saved (%d bytes)", name, total)
         self._retain()
         return CheckpointInfo(name=name, seq=seq, path=final, created_ns=manifest["created_ns"], meta=meta,
