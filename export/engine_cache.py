@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from sensors.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,29 +68,15 @@ class EngineCache:
     def store(self, key: EngineKey, data: bytes) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         engine, meta = self.paths(key)
-        _atomic_write(engine, data)
+        atomic_write(engine, data)
         info = {"key": asdict(key), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write(meta, json.dumps(info, indent=2).encode())
+        atomic_write(meta, json.dumps(info, indent=2).encode())
         return engine
 
     def remove(self, key: EngineKey) -> None:
         for p in self.paths(key):
             p.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from runtime.errors import CheckpointWriteError, NoCheckpointError
+from sensors.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,6 @@ def _disk_reason(root: Path, exc: BaseException) -> str:
     except OSError:
         pass
     return "write failed"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -212,7 +205,7 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / LATEST)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -271,9 +264,9 @@ class CheckpointStore:
             manifest = {"format": FORMAT, "seq": seq, "name": name, "created_ns": time.time_ns(),
                         "meta": meta, "entries": entries, "nbytes": total}
             self._write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             try:
                 self._write_latest(name)
             except BaseException:
@@ -357,7 +350,7 @@ class CheckpointStore:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.root / name, dest)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             return dest
         except OSError as exc:
             log.error("cannot move %s to %s: %s", name, dest, exc)

@@ -25,14 +25,13 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sensors.atomic import atomic_write, fsync_dir
 from training.errors import BufferCorruptError, ReplayBufferError
 
 log = logging.getLogger(__name__)
@@ -63,31 +62,6 @@ class LoadReport:
     segments_ok: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (segment file, reason)
     samples_lost: int = 0
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ReplayBuffer:
@@ -292,7 +266,7 @@ class ReplayBuffer:
                     "max_bytes": self.max_bytes, "schema": self.schema, "samples": self._n,
                     "seen": {str(k): v for k, v in self.seen.items()}, "segments": segments}
         atomic_write(d / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(d)
+        fsync_dir(d)
         keep = {s["file"] for s in segments}
         for f in d.glob("seg-*.npz"):
             if f.name not in keep:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from training.buffer import atomic_write
+from sensors.atomic import atomic_write
 from training.errors import FeatureCacheError
 
 log = logging.getLogger(__name__)

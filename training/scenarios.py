@@ -135,7 +135,7 @@ def plan_hash(plan: dict[str, Any]) -> str:
 def saved_plan(kind: str, pools: dict[str, Pool], *, seed: int, n_tasks: int, directory: Path,
                pools_id: str = "") -> dict[str, Any]:
     """The plan from ``directory`` if present (hash verified), else built and written (atomically)."""
-    from training.buffer import atomic_write
+    from sensors.atomic import atomic_write
 
     path = directory / f"{kind}-seed{seed}-t{n_tasks}{'-' + pools_id if pools_id else ''}.json"
     if path.exists():

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from sensors.atomic import atomic_write
 from sensors.datasets.store import DATASETS, MANIFEST, data_dir, file_sha256, voice_split
 
 log = logging.getLogger("continua.datasets.prepare")
@@ -340,33 +341,6 @@ BUILDERS: dict[str, Callable[[Options], dict[str, np.ndarray]]] = {
 
 
 # --------------------------------------------------------------------------- writing
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temp file beside ``path``, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a data file is as readable as any other
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
