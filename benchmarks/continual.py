@@ -3,6 +3,7 @@
     python -m benchmarks.continual --quick
     python -m benchmarks.continual --strategies naive,replay,ours --scenario domain --seeds 3
     python -m benchmarks.continual --features path/to/ave_features.npz      # pre-extracted features
+    python -m benchmarks.continual --quick --strategies replay,ours --val 0.2   # tune: never the test split
 
 Every strategy learns the same tasks on the same side network (d=128) and the same buffer
 budget; only the strategy differs. Strategy names come from ``training.registry`` (so "ours"
@@ -12,6 +13,10 @@ FWT (vs a randomly initialised model), average forgetting, seconds per task, pro
 writes benchmarks/results/continual[-quick]-<scenario>.json and two PNGs (accuracy-matrix heat
 maps, average accuracy after each task); the last stdout line is one JSON object:
 strategy -> metrics (keys "<strategy>@<scenario>" when several scenarios run).
+
+--val F: hold out a seeded fraction F of every task's *training* split and evaluate on it instead
+of the test split (the remaining 1-F trains); use it for every hyperparameter choice, so the test
+split is only ever read for the final report. Outputs are then named continual[-quick]-val-<scenario>.
 
 --quick: 1 seed, 3 epochs, 200 training samples per task, baselines + "ours" (under 3 minutes
 on 2 cores once features are cached; the first run extracts them, a few minutes).
@@ -46,6 +51,7 @@ class Config:
     lr: float = 2e-3
     buffer_size: int = 2000
     max_train_per_task: int = 0  # 0: all
+    val: float = 0.0  # > 0: evaluate on this fraction of each task's train split, not on the test split
     threads: int = 2
     backend: str = "onnxruntime"
     features: str = ""  # a pre-extracted feature dataset instead of the offline tri-modal data
@@ -57,6 +63,8 @@ class Config:
         for name in ("seeds", "n_tasks", "epochs", "batch_size", "buffer_size", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val < 1.0:
+            raise ValueError(f"val must be in [0, 1), got {self.val}")
         if self.quick:
             self.seeds, self.epochs = 1, min(self.epochs, 3)
             self.max_train_per_task = self.max_train_per_task or 200
@@ -73,6 +81,22 @@ def load_scenarios(cfg: Config, seed: int) -> list[Any]:
     kinds = ["class", "domain"] if cfg.scenario == "both" else [cfg.scenario]
     fc = FeatureConfig(backend=cfg.backend, threads=cfg.threads)
     return [trimodal(k, seed=seed, n_tasks=cfg.n_tasks, feature_config=fc, progress=True) for k in kinds]
+
+
+def carve_val(sc: Any, frac: float, seed: int) -> Any:
+    """Replace ``sc.train``/``sc.test`` by (1-frac, frac) seeded per-task splits of the train split."""
+    if frac <= 0:
+        return sc
+    rng = np.random.default_rng(10_000 + seed)
+    train, val = [], []
+    for t in sc.train:
+        perm = rng.permutation(len(t))
+        k = max(1, int(round(frac * len(t))))
+        val.append(t.subset(np.sort(perm[:k])))
+        train.append(t.subset(np.sort(perm[k:])))
+    sc.train, sc.test = train, val
+    sc.info = {**sc.info, "evaluated_on": f"validation: {frac:.0%} of each task's train split (seed {seed})"}
+    return sc
 
 
 def subsample(train: list[Any], n: int, seed: int) -> list[Any]:
@@ -191,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", choices=["class", "domain", "both"])
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--epochs", type=int)
+    ap.add_argument("--val", type=float, help="evaluate on this fraction of each task's train split (tuning)")
     ap.add_argument("--features", help="pre-extracted feature dataset (.npz or directory)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else None
     cfg = load_config(Config, args.config, quick=args.quick, strategies=strategies, scenario=args.scenario,
-                      seeds=args.seeds, epochs=args.epochs, features=args.features, out=args.out)
+                      seeds=args.seeds, epochs=args.epochs, val=args.val, features=args.features, out=args.out)
     log.info("config: %s", format_config(cfg))
     from tqdm import tqdm
 
@@ -213,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     scen_info: dict[str, Any] = {}
     bar = None
     for seed in range(cfg.seeds):
-        for sc in load_scenarios(cfg, seed):
+        for raw in load_scenarios(cfg, seed):
+            sc = carve_val(raw, cfg.val, seed)
             if bar is None:
                 n_sc = 2 if cfg.scenario == "both" and not cfg.features else 1
                 bar = tqdm(total=cfg.seeds * n_sc * len(names) * sc.n_tasks, desc="continual", unit="task",
@@ -235,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             agg = aggregate(ms)
             agg["matrices"] = [m.matrix for m in ms]
             results[name] = agg
-        title = f"{scen_info[kind]['name']}" + (" (quick)" if cfg.quick else "")
+        title = f"{scen_info[kind]['name']}" + (" (quick)" if cfg.quick else "") + (" [validation]" if cfg.val else "")
         print(table(results, title))
-        prefix = cfg.out / f"continual{'-quick' if cfg.quick else ''}-{kind}"
+        prefix = cfg.out / f"continual{'-quick' if cfg.quick else ''}{'-val' if cfg.val else ''}-{kind}"
         pngs = plot(results, title, prefix)
         doc = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                "scenario": scen_info[kind], "results": results, "seconds": time.perf_counter() - t0,

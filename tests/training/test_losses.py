@@ -194,3 +194,24 @@ def test_ewc_online_decay_growth_frozen_and_state_dict() -> None:
     restored.load_state_dict(ewc.state_dict())
     assert restored.gamma == 0.5 and restored.n_updates == 3
     torch.testing.assert_close(restored.penalty(model), ewc.penalty(model))
+
+
+def test_ewc_cached_penalty_grad_matches_autograd() -> None:
+    """add_penalty_grad_ (cached flat anchors, analytic gradient) == autograd of penalty()."""
+    torch.manual_seed(1)
+    model = _Two()
+    ewc = OnlineGroupEWC({"body": ("body.",), "head": ("head.",)}, gamma=0.9)
+    ewc.update_fisher(model, ewc.estimate_fisher(model, _fisher_batches(), _ce))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.zero_grad(set_to_none=True)
+    (0.7 * ewc.penalty(model)).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    expected_value = float(0.7 * ewc.penalty(model))
+    model.zero_grad(set_to_none=True)
+    ewc.prepare(model)
+    value = ewc.add_penalty_grad_(0.7)
+    assert abs(float(value) - expected_value) < 1e-5 * max(1.0, expected_value)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[n], atol=1e-6, rtol=1e-4), n

@@ -9,14 +9,18 @@ Loss per step (each term switchable, weights in ``defaults``; t = 1-based task i
     preserve      sqrt(t-1) * KL of row-normalised similarity matrices of z_joint, replayed rows
     consistency   K x K modality-similarity structure vs the old model, replayed rows
     ewc           online group-wise EWC (groups: each modality's lateral+proj, cross-modal
-                  adapters+fusion, head), adaptive per-group weights (training.losses)
+                  adapters+fusion, head), adaptive per-group weights (training.losses); added as
+                  its analytic gradient from anchors cached at task start (not through autograd:
+                  that was about half of a step's CPU time)
     balance       optional Switch load-balancing loss of the MoE gates (off by default: it
                   flattens routing, so every expert crosses the 10% share and freezes at once)
 
 After each task: experts whose routing share on the task's *new* rows exceeded
 ``model.config.freeze_threshold`` are frozen (``requires_grad`` False; the base class rebuilds
 the optimizer over trainable tensors each task, so frozen experts never get optimizer state),
-the Fisher is estimated on the task's samples and the buffer is filled.
+the head's new-class rows are weight-aligned (WA), the Fisher is estimated on the task's samples,
+the buffer is filled, and the class means of z_joint over the buffer are recomputed; prediction
+mixes the head's log-probs with nearest-mean-of-exemplars log-probs (iCaRL) on z_joint.
 
 The model must have MoE adapters (``adapter="moe"``, "none" for ``ours-no-moe``) and
 ``modality_dropout`` from ``defaults``; ``model_overrides`` lists what a caller should put in
@@ -69,18 +73,33 @@ class Ours(Strategy):
     use_preserve: ClassVar[bool] = True
     use_ewc: ClassVar[bool] = True
     use_consistency: ClassVar[bool] = True
+    # Defaults chosen on a VALIDATION split (20% of each task's train split, never the test split:
+    # ``python -m benchmarks.continual --val 0.2``), class-incremental tri-modal, 3 seeds, quick
+    # setting (200 samples/task, 3 epochs). Val ACC of each change in brackets.
     defaults: ClassVar[dict[str, float]] = {
-        "distill": 1.0,
+        # Logit distillation off: with replayed rows already in the CE it fought the new classes'
+        # logits through the shared softmax (on 87.3 -> off 94.2); kept switchable.
+        "distill": 0.0,
         "temperature": 2.0,
         "align": 0.1,
-        "preserve": 1.0,
+        # preserve/ewc 1.0 over-constrained plasticity: new classes were learned late and old ones
+        # still drifted (94.2 at 1.0 -> 97.2 at 0.3 -> 98.3 at 0.1; ewc 0.03: 98.5, within noise).
+        "preserve": 0.1,
         "tau": 0.1,
-        "consistency": 1.0,
-        "ewc": 1.0,
+        "consistency": 1.0,  # 0.3 was no better (98.2 vs 98.3)
+        "ewc": 0.1,
         "ewc_gamma": 0.9,
         "fisher_batches": 8,
         "balance": 0.0,
-        "modality_dropout": 0.1,
+        "modality_dropout": 0.1,  # 0 -> 82.5: dropout is what keeps the weak modalities useful
+        # WA on the head after each task (new-class rows rescaled to the old rows' mean norm):
+        # costs nothing; within noise at these settings (98.3 on vs 98.4 off) and kept because
+        # the head bias toward new classes grows with the number of tasks.
+        "weight_align": 1.0,
+        # iCaRL nearest-mean-of-exemplars on z_joint, mixed 50/50 with the head's log-probs:
+        # forgetting 0.9 -> 0.1 at equal ACC (98.4); pure NME (1.0) 97.4.
+        "nme_mix": 0.5,
+        "nme_tau": 0.1,
     }
 
     @classmethod
@@ -103,6 +122,7 @@ class Ours(Strategy):
         self.ewc = OnlineGroupEWC(ewc_groups(self.model.modalities), gamma=float(self.p["ewc_gamma"]))
         self.share_history: list[list[list[float]]] = []  # task -> level -> expert share
         self.frozen_history: list[int] = []  # frozen experts (all levels) after each task
+        self.class_means: Tensor | None = None  # (C, p) unit z_joint means of the buffer (nme_mix)
 
     # ---- hooks ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -113,6 +133,21 @@ class Ours(Strategy):
     def begin_task(self, data: TaskData) -> None:
         for moe in moe_modules(self.model):
             moe.reset_usage()
+        self._n_old_classes = self.old_model.num_classes if self.old_model is not None else 0
+        if self.use_ewc and self.p["ewc"] > 0 and self.ewc.n_updates > 0:
+            self.ewc.prepare(self.model)  # after head growth and freezing: shapes and trainables are final
+
+    def before_step(self, batch: Batch, out: ModelOutput) -> None:
+        """EWC enters as its analytic gradient (cached flat anchors), not through autograd."""
+        if self.use_ewc and self.p["ewc"] > 0 and self.ewc.n_updates > 0:
+            self._ewc_value = self.ewc.add_penalty_grad_(float(self.p["ewc"]))
+
+    def observe(self, batch: Batch) -> dict[str, float]:
+        self._ewc_value = None
+        terms = super().observe(batch)
+        if self._ewc_value is not None:
+            terms["ewc"] = float(self._ewc_value)
+        return terms
 
     def loss(self, batch: Batch, out: ModelOutput) -> dict[str, Tensor]:
         p = self.p
@@ -138,8 +173,6 @@ class Ours(Strategy):
             if self.use_consistency and p["consistency"] > 0:
                 terms["consistency"] = p["consistency"] * cross_modal_consistency(old.z_mod, out.z_mod[rep],
                                                                                   present[rep])
-        if self.use_ewc and p["ewc"] > 0 and self.ewc.n_updates > 0:
-            terms["ewc"] = p["ewc"] * self.ewc.penalty(self.model).to(out.logits.device)
         return terms
 
     @torch.no_grad()
@@ -149,6 +182,8 @@ class Ours(Strategy):
             moe.usage += (gates[rows] > 0).to(moe.usage.dtype).sum(0)
 
     def end_task(self, data: TaskData) -> None:
+        if self.p["weight_align"] > 0:
+            self._weight_align(float(self.p["weight_align"]))
         moes = moe_modules(self.model)
         self.share_history.append([m.shares().tolist() for m in moes])
         if self.freeze_experts and moes:
@@ -157,6 +192,60 @@ class Ours(Strategy):
         if self.use_ewc and self.p["ewc"] > 0:
             self.ewc.update_fisher(self.model, self._fisher(data))
         super().end_task(data)
+        if self.p["nme_mix"] > 0:
+            self._update_class_means()
+
+    @torch.no_grad()
+    def _weight_align(self, strength: float) -> None:
+        """WA (Zhao et al., CVPR 2020): scale the head rows of classes new in this task so their mean
+        norm matches the old classes' (strength 1: fully; 0 < s < 1: the ratio to the power s).
+
+        Why: trained mostly on new samples, the new rows grow larger norms and the argmax leans
+        toward the newest classes; replayed rows are too few to undo it. One rescale per task costs
+        nothing at training or inference time. No-op without old classes (first task, domain-IL).
+        """
+        c_old, w = getattr(self, "_n_old_classes", 0), self.model.head.weight
+        if c_old == 0 or w.shape[0] <= c_old:
+            return
+        n_old, n_new = w[:c_old].norm(dim=1).mean(), w[c_old:].norm(dim=1).mean()
+        gamma = float((n_old / n_new.clamp(min=1e-8)) ** strength)
+        w[c_old:] *= gamma
+        self.model.head.bias[c_old:] *= gamma
+        log.debug("weight aligning: new-class rows x %.3f", gamma)
+
+    @torch.no_grad()
+    def _update_class_means(self) -> None:
+        """iCaRL's nearest-mean-of-exemplars on z_joint: unit class means over the (class-balanced)
+        buffer under the current model, recomputed after each task (the embedding drifts)."""
+        if self.buffer is None or len(self.buffer) == 0:
+            return
+        rb = self.buffer.all()
+        self.model.eval()
+        zs = []
+        for s in range(0, len(rb), 512):
+            taps = {m: [torch.from_numpy(np.asarray(x[s : s + 512], np.float32)).to(self.device) for x in lv]
+                    for m, lv in rb.taps.items()}
+            zs.append(F.normalize(self.model(taps, torch.from_numpy(rb.present[s : s + 512]).to(self.device)).z_joint,
+                                  dim=1))
+        z = torch.cat(zs)
+        labels = torch.from_numpy(rb.labels).to(self.device)
+        c = self.model.num_classes
+        sums = torch.zeros(c, z.shape[1], device=self.device).index_add_(0, labels, z)
+        counts = torch.zeros(c, device=self.device).index_add_(0, labels, torch.ones_like(labels, dtype=z.dtype))
+        self.class_means = F.normalize(sums / counts.clamp(min=1)[:, None], dim=1)
+        self._mean_known = counts > 0
+
+    @torch.no_grad()
+    def predict(self, taps: dict[str, list[Tensor]], present: Tensor) -> Tensor:
+        """Head log-probs, mixed with nearest-class-mean log-probs on z_joint when ``nme_mix`` > 0."""
+        self.model.eval()
+        out = self.model(taps, present)
+        a = float(self.p["nme_mix"])
+        if a <= 0 or self.class_means is None or self.class_means.shape[0] != out.logits.shape[1]:
+            return out.logits
+        sims = F.normalize(out.z_joint, dim=1) @ self.class_means.T / float(self.p["nme_tau"])
+        sims = sims.masked_fill(~self._mean_known[None], -1e4)
+        return (1 - a) * F.log_softmax(out.logits, dim=1) + a * F.log_softmax(sims, dim=1)
 
     def _fisher(self, data: TaskData) -> dict[str, Tensor]:
         bs = self.config.batch_size
@@ -179,13 +268,15 @@ class Ours(Strategy):
 
     def extra_state(self) -> dict[str, Any]:
         return {"ewc": self.ewc.state_dict(), "share_history": self.share_history,
-                "frozen_history": self.frozen_history}
+                "frozen_history": self.frozen_history, "class_means": self.class_means,
+                "mean_known": getattr(self, "_mean_known", None)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "ewc" in state:
             self.ewc.load_state_dict(state["ewc"])
         self.share_history = [list(map(list, t)) for t in state.get("share_history", [])]
         self.frozen_history = [int(x) for x in state.get("frozen_history", [])]
+        self.class_means, self._mean_known = state.get("class_means"), state.get("mean_known")
 
     def routing_shares(self) -> np.ndarray:
         """(tasks, levels, experts) routing shares recorded at the end of each task."""
