@@ -157,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     learn = sub.add_parser("learn-new-task", help="collect samples and learn a new task in the background")
     learn.add_argument("name")
     learn.add_argument("--labels", required=True, help="comma-separated class labels, e.g. a,b,c")
-    learn.add_argument("--source", required=True, help="live:SECONDS | mcap:PATH | dataset:SPLIT")
+    learn.add_argument("--source", required=True,
+                       help="live:SECONDS | mcap:PATH[,PATH...] | dataset:SPLIT | taught (samples from earlier teach)")
     teach = sub.add_parser("teach", help="label the live samples of the next seconds")
     teach.add_argument("label")
     teach.add_argument("--seconds", type=float, default=5.0)
@@ -169,7 +170,8 @@ def _command_args(ns: argparse.Namespace) -> dict[str, Any]:
         labels = [s.strip() for s in ns.labels.split(",") if s.strip()]
         if not labels:
             raise ValueError("--labels needs at least one label")
-        parse_source(ns.source)  # fail here, before the agent sees it
+        if ns.source != "taught":
+            parse_source(ns.source)  # fail here, before the agent sees it
         return {"name": ns.name, "labels": labels, "source": ns.source}
     if ns.cmd == "teach":
         return {"label": ns.label, "seconds": ns.seconds}
