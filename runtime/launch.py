@@ -40,11 +40,10 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sensors.config import ConfigError, from_dict
+from sensors.config import ConfigError, from_dict, read_toml
 
 log = logging.getLogger("continua.launch")
 
@@ -73,12 +72,7 @@ class LaunchConfig:
 
 def load_launch(path: str | Path) -> tuple[LaunchConfig, list[ProcessSpec]]:
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"launch file {p} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"launch file {p} is not valid TOML: {exc}") from None
+    data = read_toml(p, "launch file")
     cfg = from_dict(LaunchConfig, data.get("launch", {}), prefix="launch.")
     procs = [from_dict(ProcessSpec, d, prefix=f"process[{i}].") for i, d in enumerate(data.get("process", []))]
     if not procs:

@@ -19,6 +19,7 @@ import numpy as np
 
 from runtime.errors import CommandError
 from runtime.intake import Sample
+from sensors.datasets.publish import camera_frame
 from sensors.datasets.store import load, speech_split
 from sensors.mcap_io import read_messages
 from sensors.window import StreamWindow
@@ -27,12 +28,6 @@ from sensors.wire import Audio, Image, Imu
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
-
-
-def _upscale(img: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """28x28 grey -> size x size rgb8, nearest neighbour, as the demo camera does."""
-    idx = np.arange(size) * img.shape[0] // size
-    return np.ascontiguousarray(np.repeat(img[idx][:, idx][:, :, None], 3, axis=2))
 
 
 def _class_index(class_names: list[str], words: list[str]) -> dict[str, int]:
@@ -63,7 +58,7 @@ def dataset_samples(labels: list[str], split: str, *, per_class: int, seed: int 
         clips = np.flatnonzero(sp["y"] == c)
         motions = np.flatnonzero(bm[f"y_{split}"] == c % 4)
         for _ in range(per_class):
-            img = _upscale(fm[f"x_{split}"][rng.choice(imgs)])
+            img = camera_frame(fm[f"x_{split}"][rng.choice(imgs)], IMAGE_SIZE)
             audio = sp["audio"][rng.choice(clips)].astype(np.float32) / 32768.0
             imu = bm[f"x_{split}"][rng.choice(motions)].astype(np.float32)  # (6, 100): acc xyz, gyro xyz
             samples.append(Sample(stamp_ns=0, image=img, audio=audio, imu=np.ascontiguousarray(imu)))

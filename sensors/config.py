@@ -78,17 +78,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed one is a ``ConfigError`` naming the path."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {p} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not valid TOML: {exc}") from None
+
+
 def load_config(cls: type[T], path: str | Path | None = None, section: str | None = None, **overrides: Any) -> T:
     """Defaults <- TOML file (optionally one ``[section]``) <- keyword overrides (not None)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        data = read_toml(p)
         if section is not None:
             data = data.get(section, {})
             if not isinstance(data, dict):

@@ -136,6 +136,19 @@ class StreamerConfig:
         return max(1, round(self.imu_batch / self.rate_scale))
 
 
+def camera_frame(img: np.ndarray, size: int, interpolation: str = "nearest") -> np.ndarray:
+    """A 28x28 grey dataset image as the demo camera shows it: size x size rgb8. Also used by
+    the agent's dataset source, so that taught samples look exactly like live frames."""
+    if interpolation == "linear":
+        import cv2
+
+        big = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    else:
+        idx = np.arange(size) * img.shape[0] // size
+        big = img[idx][:, idx]
+    return np.ascontiguousarray(np.repeat(big[:, :, None], 3, axis=2))
+
+
 def _rng(*parts: int | str) -> np.random.Generator:
     """A generator seeded by the parts (strings via crc32: stable across processes)."""
     return np.random.default_rng([zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts])
@@ -233,15 +246,7 @@ class DatasetStreamer:
         return self.schedule.class_at(offset_ns // self.dwell_ns)
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        size = self.cfg.image_size
-        if self.cfg.interpolation == "linear":
-            import cv2
-
-            big = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-        else:
-            idx = np.arange(size) * img.shape[0] // size
-            big = img[idx][:, idx]
-        return np.ascontiguousarray(np.repeat(big[:, :, None], 3, axis=2))
+        return camera_frame(img, self.cfg.image_size, self.cfg.interpolation)
 
     def frame(self, k: int, offset_ns: int) -> tuple[int, np.ndarray]:
         """(label, rgb8 image) of camera frame ``k`` taken ``offset_ns`` after the start."""
