@@ -35,7 +35,8 @@ def test_add_classes_keeps_old_rows() -> None:
     net.add_classes(3)
     after = net(taps, present).logits.detach()
     assert net.num_classes == 5 and after.shape == (4, 5)
-    assert torch.equal(before, after[:, :2])
+    # Same weights, but a wider head may take another GEMM kernel: equal to float rounding, not bitwise.
+    torch.testing.assert_close(after[:, :2], before, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="n must be >= 0"):
         net.add_classes(-1)
 
