@@ -9,12 +9,7 @@ Layout of ``dir`` (the agent's ``state/``)::
     corrupt/ckpt-000013-<ns>/ checkpoints that failed verification, moved aside
     rolled-back/...           checkpoints undone by ``rollback``
 
-What goes where (never a pickle on load):
-- a value holding torch tensors (a tensor, a state dict, an optimizer state) -> ``torch.save``,
-  read with ``torch.load(weights_only=True)``;
-- numpy arrays anywhere in a value -> separate ``.npy`` files (``allow_pickle=False``), a
-  ``{"__ndarray__": file}`` marker in their place;
-- everything else (class list, task cursor, config, RNG states as ints) -> JSON.
+What goes where (tensors, arrays, JSON; never a pickle on load): see :mod:`runtime.statefiles`.
 
 Why this protocol: a robot loses power mid-save. A save writes into a hidden temp dir,
 fsyncs every file and the dir, renames it into place, fsyncs ``dir``, then swaps
@@ -28,8 +23,6 @@ removes its temp dir, and leaves the previous checkpoints untouched.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import os
@@ -42,19 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from runtime.errors import CheckpointWriteError, NoCheckpointError
+from runtime.statefiles import FORMAT, MANIFEST, StateFiles
 from sensors.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
 LATEST = "LATEST"
-MANIFEST = "manifest.json"
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
-_MARK = "__ndarray__"
 # Opt-in test hook, unset in production: seconds to sleep after each file a save writes, so
 # that a reliability test can SIGKILL the agent deterministically in the middle of a save.
 _SLOW_SAVE_ENV = "CONTINUA_TEST_SLOW_SAVE_S"
@@ -76,6 +64,7 @@ class LoadResult:
     name: str
     seq: int
     path: Path
+    files: StateFiles | None = None  # every file of the checkpoint, verified (to re-save or hand on)
     fell_back: bool = False  # True: the newest was unusable, an older one was loaded
     corrupt: list[CorruptCheckpoint] = field(default_factory=list)
 
@@ -109,67 +98,6 @@ def _disk_reason(root: Path, exc: BaseException) -> str:
     except OSError:
         pass
     return "write failed"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_tensor(v) for v in value)
-    return False
-
-
-def _extract_arrays(value: Any, arrays: list[np.ndarray], where: str) -> Any:
-    """Replace numpy arrays by markers (collected in ``arrays``); reject what cannot be saved safely."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise ValueError(f"state[{where}] is an object array: it would need pickle")
-        arrays.append(value)
-        return {_MARK: len(arrays) - 1}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        if _MARK in value:
-            raise ValueError(f"state[{where}] uses the reserved key {_MARK!r}")
-        return type(value)((k, _extract_arrays(v, arrays, f"{where}.{k}")) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return type(value)(_extract_arrays(v, arrays, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, torch.Tensor | str | int | float | bool | type(None)):
-        return value
-    raise ValueError(f"state[{where}] has type {type(value).__name__}; expected tensors, arrays, "
-                     "or JSON values (dict, list, str, int, float, bool, None)")
-
-
-def _check_json_keys(value: Any, where: str) -> None:
-    """JSON turns int keys into strings: refuse instead of loading back something else."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"state[{where}] has a non-str key {k!r}: JSON would change it")
-            _check_json_keys(v, f"{where}.{k}")
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            _check_json_keys(v, f"{where}[{i}]")
-
-
-def _restore_arrays(value: Any, files: list[np.ndarray]) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_MARK}:
-            return files[value[_MARK]]
-        return type(value)((k, _restore_arrays(v, files)) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return type(value)(_restore_arrays(v, files) for v in value)
-    return value
 
 
 class CheckpointStore:
@@ -213,26 +141,14 @@ class CheckpointStore:
     # ---- save
     def save(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> CheckpointInfo:
         """Write ``state`` as the new latest checkpoint; ``CheckpointWriteError`` on any I/O failure."""
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise ValueError("state must be a dict with str keys")
-        meta = dict(meta or {})
-        json.dumps(meta)  # meta must be plain JSON; fail before touching the disk
-        prepared: list[tuple[str, str, Any, list[np.ndarray]]] = []
-        for i, (key, value) in enumerate(state.items()):
-            arrays: list[np.ndarray] = []
-            tree = _extract_arrays(value, arrays, key)
-            kind = "torch" if _has_tensor(tree) else "json"
-            if kind == "json":
-                _check_json_keys(tree, key)
-                try:
-                    tree = json.dumps(tree, allow_nan=True)
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"state[{key}] is not JSON-serialisable: {exc}") from None
-            prepared.append((key, f"e{i:03d}", (kind, tree), arrays))
-        with self._lock:
-            return self._save_locked(prepared, meta)
+        return self.save_files(StateFiles.encode(state, meta))
 
-    def _save_locked(self, prepared: list, meta: dict[str, Any]) -> CheckpointInfo:
+    def save_files(self, files: StateFiles) -> CheckpointInfo:
+        """Write already encoded files (and their meta) as the new latest checkpoint."""
+        with self._lock:
+            return self._save_locked(files)
+
+    def _save_locked(self, sf: StateFiles) -> CheckpointInfo:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             seq = self._next_seq()
@@ -243,26 +159,10 @@ class CheckpointStore:
         final = self.root / name
         try:
             tmp.mkdir()
-            entries: dict[str, Any] = {}
-            for key, stem, (kind, tree), arrays in prepared:
-                files = []
-                for j, arr in enumerate(arrays):
-                    fname = f"{stem}-a{j:03d}.npy"
-                    self._write(tmp / fname, lambda f, a=arr: np.save(f, a, allow_pickle=False))
-                    files.append(fname)
-                fname = f"{stem}.pt" if kind == "torch" else f"{stem}.json"
-                if kind == "torch":
-                    self._write(tmp / fname, lambda f, t=tree: torch.save(t, f))
-                else:
-                    self._write(tmp / fname, lambda f, t=tree: f.write(t.encode()))
-                entries[key] = {"file": fname, "kind": kind, "arrays": files}
-            total = 0
-            for entry in entries.values():
-                for fname in [entry["file"], *entry["arrays"]]:
-                    entry.setdefault("sha256", {})[fname] = _sha256(tmp / fname)
-                    total += (tmp / fname).stat().st_size
+            for fname, data in sf.files.items():
+                self._write(tmp / fname, lambda f, d=data: f.write(d))
             manifest = {"format": FORMAT, "seq": seq, "name": name, "created_ns": time.time_ns(),
-                        "meta": meta, "entries": entries, "nbytes": total}
+                        "meta": sf.meta, "entries": sf.entries, "nbytes": sf.nbytes}
             self._write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
             fsync_dir(tmp)
             os.rename(tmp, final)
@@ -277,10 +177,10 @@ class CheckpointStore:
             why = _disk_reason(self.root, exc)
             log.error("checkpoint %s not written: %s (%s)", name, why, exc)
             raise CheckpointWriteError(f"cannot write checkpoint {final}: {why} ({exc})") from exc
-        log.info("checkpoint %s saved (%d bytes)", name, total)
+        log.info("checkpoint %s saved (%d bytes)", name, sf.nbytes)
         self._retain()
-        return CheckpointInfo(name=name, seq=seq, path=final, created_ns=manifest["created_ns"], meta=meta,
-                              nbytes=total, latest=True)
+        return CheckpointInfo(name=name, seq=seq, path=final, created_ns=manifest["created_ns"], meta=sf.meta,
+                              nbytes=sf.nbytes, latest=True)
 
     def _next_seq(self) -> int:
         """One past every number used so far, also by corrupt and rolled-back ones (names never repeat)."""
@@ -317,33 +217,15 @@ class CheckpointStore:
             shutil.rmtree(p, ignore_errors=True)
 
     # ---- load
-    def _read(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Verify and load one checkpoint; any problem raises ``ValueError`` with the reason."""
-        path = self.root / name
+    def _read(self, name: str, keys: list[str] | tuple[str, ...] | None = None
+              ) -> tuple[dict[str, Any], StateFiles]:
+        """Verify one checkpoint and decode ``keys`` (all when None); ``ValueError`` with the reason."""
+        sf = StateFiles.read_dir(self.root / name)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            if manifest.get("format") != FORMAT or not isinstance(manifest.get("entries"), dict):
-                raise ValueError(f"manifest format {manifest.get('format')!r} unknown")
-            for entry in manifest["entries"].values():
-                for fname, digest in entry["sha256"].items():
-                    if "/" in fname or fname.startswith("."):
-                        raise ValueError(f"bad file name {fname!r} in manifest")
-                    if _sha256(path / fname) != digest:
-                        raise ValueError(f"{fname}: sha256 mismatch (truncated or corrupt)")
-            state: dict[str, Any] = {}
-            for key, entry in manifest["entries"].items():
-                arrays = [np.load(path / f, allow_pickle=False) for f in entry["arrays"]]
-                if entry["kind"] == "torch":
-                    with open(path / entry["file"], "rb") as f:
-                        tree = torch.load(io.BytesIO(f.read()), weights_only=True, map_location="cpu")
-                else:
-                    tree = json.loads((path / entry["file"]).read_text())
-                state[key] = _restore_arrays(tree, arrays)
-        except ValueError:
-            raise
-        except Exception as exc:  # OSError, JSON, torch unpickler, KeyError: all mean "unusable"
+            state = sf.decode(keys)
+        except Exception as exc:  # JSON, torch unpickler, missing key: all mean "unusable"
             raise ValueError(f"{type(exc).__name__}: {exc}") from exc
-        return state, manifest.get("meta", {})
+        return state, sf
 
     def _move_aside(self, name: str, sub: str) -> Path | None:
         dest = self.root / sub / f"{name}-{time.time_ns()}"
@@ -356,8 +238,9 @@ class CheckpointStore:
             log.error("cannot move %s to %s: %s", name, dest, exc)
             return None
 
-    def load_latest(self) -> LoadResult:
-        """Load LATEST (else the newest); corrupt ones go to ``corrupt/`` and older ones are tried."""
+    def load_latest(self, keys: list[str] | tuple[str, ...] | None = None) -> LoadResult:
+        """Load LATEST (else the newest); corrupt ones go to ``corrupt/`` and older ones are tried.
+        Every file is verified; only ``keys`` are decoded (all when None)."""
         with self._lock:
             latest = self._latest_name()
             names = self._names()[::-1]
@@ -365,7 +248,7 @@ class CheckpointStore:
             corrupt: list[CorruptCheckpoint] = []
             for i, name in enumerate(order):
                 try:
-                    state, meta = self._read(name)
+                    state, sf = self._read(name, keys)
                 except ValueError as exc:
                     moved = self._move_aside(name, "corrupt")
                     log.error("checkpoint %s is corrupt (%s); moved to %s", name, exc, moved)
@@ -376,13 +259,13 @@ class CheckpointStore:
                         self._write_latest(name)
                 if i > 0:
                     log.warning("loaded older checkpoint %s after %d unusable one(s)", name, i)
-                return LoadResult(state=state, meta=meta, name=name, seq=int(_NAME.match(name).group(1)),
-                                  path=self.root / name, fell_back=i > 0, corrupt=corrupt)
+                return LoadResult(state=state, meta=sf.meta, name=name, seq=int(_NAME.match(name).group(1)),
+                                  path=self.root / name, files=sf, fell_back=i > 0, corrupt=corrupt)
             raise NoCheckpointError(f"no usable checkpoint in {self.root}"
                                     + (f" ({len(corrupt)} corrupt, moved to corrupt/)" if corrupt else ""),
                                     corrupt)
 
-    def rollback(self) -> LoadResult:
+    def rollback(self, keys: list[str] | tuple[str, ...] | None = None) -> LoadResult:
         """Undo the latest checkpoint: load the previous good one, move the latest to ``rolled-back/``.
 
         The previous one is verified *before* anything moves, so a failed rollback changes
@@ -395,7 +278,7 @@ class CheckpointStore:
             corrupt: list[CorruptCheckpoint] = []
             for name in older:
                 try:
-                    state, meta = self._read(name)
+                    state, sf = self._read(name, keys)
                 except ValueError as exc:
                     corrupt.append(CorruptCheckpoint(name=name, reason=str(exc),
                                                      moved_to=self._move_aside(name, "corrupt")))
@@ -405,8 +288,8 @@ class CheckpointStore:
                     raise CheckpointWriteError(f"cannot move {latest} aside in {self.root}")
                 self._write_latest(name)
                 log.warning("rolled back %s (kept in %s); now at %s", latest, moved, name)
-                return LoadResult(state=state, meta=meta, name=name, seq=int(_NAME.match(name).group(1)),
-                                  path=self.root / name, fell_back=bool(corrupt), corrupt=corrupt)
+                return LoadResult(state=state, meta=sf.meta, name=name, seq=int(_NAME.match(name).group(1)),
+                                  path=self.root / name, files=sf, fell_back=bool(corrupt), corrupt=corrupt)
             raise NoCheckpointError(f"no good checkpoint older than {latest} in {self.root}", corrupt)
 
     def list(self) -> list[CheckpointInfo]:
