@@ -5,6 +5,8 @@ Usage::
     python -m sensors.datasets.publish --config launch/publishers.toml
     python -m sensors.datasets.publish --endpoint tcp://*:5556 --split test --classes 0,1,2 \\
         --dwell-s 2.0 --seconds 30
+    python -m sensors.datasets.publish --config launch/publishers.toml \\
+        --scene-endpoint tcp://127.0.0.1:5557 --scene-share 0.2   # + scene control
 
 One process, one :class:`~sensors.transport.Publisher`, one shared class schedule: the
 classes of ``classes`` follow each other (``order = "cycle"`` in the given order, or
@@ -32,6 +34,16 @@ The class pairing (class ``c`` = Fashion-MNIST class ``c`` image + spoken name o
 ``c`` + BasicMotions activity ``c % 4``) is synthetic, exactly as AV-MNIST pairs MNIST
 digits with spoken digits: the modalities share a label, not a physical event.
 
+Scene control: ``label_at``, the truth labels and every stream follow one
+:class:`~sensors.datasets.scene.Timeline`, the schedule plus overrides: ``show(c, S)`` (in
+process, or over a REP socket on ``scene_endpoint``, protocol in
+``sensors.datasets.scene_control``) shows class ``c`` (any of 0..9) for ``S`` seconds from
+now, then the schedule resumes. Content is made per segment in fixed pieces (one image, or
+one per frame; one 1 s clip; one 100-sample recording), seeded by (seed, modality, segment
+key, piece), so cutting a segment short never changes what was sent. With ``scene_share >
+0`` the leading share of each class's samples is kept for overrides and the schedule uses
+the rest: instances taught during a show never come back in the schedule.
+
 Timing: every stream is paced on one monotonic clock (tick ``k`` is due at ``start +
 k / rate``, so there is no drift); stamps are ``time.time_ns()`` of the start plus the same
 offsets. A late camera skips to the newest due frame (counted); mic and IMU send every due
@@ -45,12 +57,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +71,34 @@ import msgpack
 import numpy as np
 
 from sensors.config import ConfigError, format_config, load_config
-from sensors.datasets.store import load, speech_split
+from sensors.datasets.content import IMU_RATE, MIC_RATE, DatasetContent, camera_frame
+from sensors.datasets.scene import MAX_SHOW_S, ClassSchedule
+from sensors.datasets.scene_control import SceneError, SceneServer
 from sensors.wire import Audio, Image, Imu
 
 log = logging.getLogger("continua.datasets.publish")
 
-MIC_RATE = 16000
-IMU_RATE = 100.0  # replay rate of the 10 Hz BasicMotions recordings (10x compression)
-IDENTITY_QUAT = (0.0, 0.0, 0.0, 1.0)
+__all__ = [
+    "IMU_RATE",
+    "MIC_RATE",
+    "ClassSchedule",
+    "DatasetStreamer",
+    "StreamerConfig",
+    "camera_frame",
+    "main",
+]
 
 
 @dataclass(kw_only=True)
 class StreamerConfig:
+    """The streams, their schedule and the scene control (module doc).
+
+    ``scene_share``: leading share (0 .. 0.9) of each class's samples reserved for
+    overrides, so a benchmark can teach instances during a show that the schedule never
+    shows (0: both use all samples). ``scene_endpoint``: where the REP scene control binds
+    ("" = none), e.g. "tcp://127.0.0.1:5557".
+    """
+
     endpoint: str = "tcp://*:5556"
     split: str = "test"  # which split feeds the streams: "train" | "test"
     classes: list[int] = field(default_factory=lambda: list(range(10)))
@@ -91,6 +120,8 @@ class StreamerConfig:
     imu_batch: int = 10
     sndhwm: int = 100
     log_every_s: float = 5.0
+    scene_share: float = 0.0
+    scene_endpoint: str = ""
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> None:
@@ -122,6 +153,15 @@ class StreamerConfig:
             bad("imu_batch", ">= 1")
         if len({self.camera_topic, self.mic_topic, self.imu_topic, self.truth_topic}) != 4:
             bad("truth_topic", "four distinct topic names")
+        if not 0 <= self.scene_share <= 0.9:
+            bad("scene_share", "0 .. 0.9 (share of each class's samples kept for overrides)")
+        if self.scene_endpoint and (
+            not self.scene_endpoint.startswith(("tcp://", "ipc://", "inproc://"))
+            or (self.scene_endpoint == self.endpoint and not self.endpoint.endswith((":*", ":0")))
+        ):
+            bad(
+                "scene_endpoint", "'' (off) or a ZeroMQ endpoint such as 'tcp://127.0.0.1:5557', not endpoint"
+            )
 
     @property
     def fps(self) -> float:
@@ -136,150 +176,83 @@ class StreamerConfig:
         return max(1, round(self.imu_batch / self.rate_scale))
 
 
-def camera_frame(img: np.ndarray, size: int, interpolation: str = "nearest") -> np.ndarray:
-    """A 28x28 grey dataset image as the demo camera shows it: size x size rgb8. Also used by
-    the agent's dataset source, so that taught samples look exactly like live frames."""
-    if interpolation == "linear":
-        import cv2
-
-        big = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
-    else:
-        idx = np.arange(size) * img.shape[0] // size
-        big = img[idx][:, idx]
-    return np.ascontiguousarray(np.repeat(big[:, :, None], 3, axis=2))
-
-
-def _rng(*parts: int | str) -> np.random.Generator:
-    """A generator seeded by the parts (strings via crc32: stable across processes)."""
-    return np.random.default_rng([zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts])
-
-
-class ClassSchedule:
-    """Deterministic class per dwell period: ``class_at(p)``."""
-
-    def __init__(self, classes: list[int], order: str = "cycle", seed: int = 0) -> None:
-        self.classes, self.order, self.seed = [int(c) for c in classes], order, seed
-
-    def class_at(self, period: int) -> int:
-        n = len(self.classes)
-        cycle, i = divmod(period, n)
-        if self.order == "shuffle":
-            i = int(np.random.default_rng([self.seed, 7, cycle]).permutation(n)[i])
-        return self.classes[i]
-
-
-class _TrackStream:
-    """A sample stream (mic PCM or IMU rows) built per dwell period, read in chunks."""
-
-    def __init__(self, rate: float, dwell_s: float, schedule: ClassSchedule, make_track) -> None:
-        self.rate, self.dwell_s, self.schedule, self.make_track = rate, dwell_s, schedule, make_track
-        self._cache: dict[int, np.ndarray] = {}
-
-    def start(self, period: int) -> int:
-        return round(period * self.dwell_s * self.rate)
-
-    def period_of(self, n: int) -> int:
-        p = int(n / (self.dwell_s * self.rate))
-        while self.start(p + 1) <= n:
-            p += 1
-        while self.start(p) > n:
-            p -= 1
-        return p
-
-    def track(self, p: int) -> np.ndarray:
-        if p not in self._cache:
-            self._cache[p] = self.make_track(p, self.schedule.class_at(p), self.start(p + 1) - self.start(p))
-            for old in [k for k in self._cache if k < p - 1]:
-                del self._cache[old]
-        return self._cache[p]
-
-    def read(self, n0: int, count: int) -> np.ndarray:
-        parts, n = [], n0
-        while n < n0 + count:
-            p = self.period_of(n)
-            lo = n - self.start(p)
-            take = min(n0 + count - n, self.start(p + 1) - n)
-            parts.append(self.track(p)[lo : lo + take])
-            n += take
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-class DatasetStreamer:
+class DatasetStreamer(DatasetContent):
     """Streams prepared datasets as ``camera``/``mic``/``imu``/``truth``; see the module doc."""
 
     def __init__(self, cfg: StreamerConfig | None = None) -> None:
-        self.cfg = cfg = cfg or StreamerConfig()
-        fm = load("fashion_mnist")
-        self.class_names = [str(s) for s in fm["class_names"]]
-        self.images = fm[f"x_{cfg.split}"]
-        self.image_idx = {c: np.flatnonzero(fm[f"y_{cfg.split}"] == c) for c in range(10)}
-        sp = speech_split(load("speech"), cfg.split)
-        self.clips = sp["audio"]
-        self.clip_idx = {c: np.flatnonzero(sp["y"] == c) for c in range(10)}
-        bm = load("basic_motions")
-        self.motions = bm[f"x_{cfg.split}"]
-        self.motion_idx = {a: np.flatnonzero(bm[f"y_{cfg.split}"] == a) for a in range(4)}
-        for c in cfg.classes:
-            if not (len(self.image_idx[c]) and len(self.clip_idx[c]) and len(self.motion_idx[c % 4])):
-                raise ConfigError(f"class {c} has no samples in split {cfg.split!r} of every dataset")
-        self.schedule = ClassSchedule(cfg.classes, cfg.order, cfg.seed)
-        self.dwell_ns = round(cfg.dwell_s * 1e9)
-        self.mic = _TrackStream(MIC_RATE, cfg.dwell_s, self.schedule, self._mic_track)
-        self.imu = _TrackStream(IMU_RATE, cfg.dwell_s, self.schedule, self._imu_track)
-        self._frame_cache: tuple[int, np.ndarray] | None = None
+        super().__init__(cfg or StreamerConfig())
         self.sent: dict[str, int] = {}
         self.skipped: dict[str, int] = {}
         self.endpoint: str | None = None  # the bound endpoint ("tcp://*:0" resolves to a port)
+        self.scene_endpoint: str | None = None  # the bound scene control endpoint, while running
+        self.start_ns: int | None = None  # wall-clock stamp of offset 0 of the current run
+        self._t0: int | None = None  # monotonic clock of offset 0, while running
+        self._scene: SceneServer | None = None
         self.ready = threading.Event()  # set once the publisher is open, just before streaming
-        log.info(
-            "%d images, %d speech clips (%d voices), %d IMU recordings from split %r",
-            len(self.images),
-            len(self.clips),
-            len(set(sp["voice"].tolist())),
-            len(self.motions),
-            cfg.split,
-        )
 
-    # ------------------------------------------------------------------ content
-    def label_at(self, offset_ns: int) -> int:
-        """The class shown ``offset_ns`` after the start."""
-        return self.schedule.class_at(offset_ns // self.dwell_ns)
+    # ------------------------------------------------------------------ scene control
+    def _now(self) -> tuple[int, int]:
+        """(offset now, wall-clock stamp of offset 0); SceneError when not streaming."""
+        t0, w0 = self._t0, self.start_ns
+        if t0 is None or w0 is None:
+            raise SceneError("the streamer is not streaming (scene control works during run())")
+        return time.monotonic_ns() - t0, w0
 
-    def _resize(self, img: np.ndarray) -> np.ndarray:
-        return camera_frame(img, self.cfg.image_size, self.cfg.interpolation)
+    def show(self, class_id: Any, seconds: Any) -> dict[str, Any]:
+        """Show ``class_id`` for ``seconds`` from now, then resume the schedule.
 
-    def frame(self, k: int, offset_ns: int) -> tuple[int, np.ndarray]:
-        """(label, rgb8 image) of camera frame ``k`` taken ``offset_ns`` after the start."""
-        p = offset_ns // self.dwell_ns
-        c = self.schedule.class_at(p)
-        if self.cfg.camera_resample == "dwell":
-            if self._frame_cache is None or self._frame_cache[0] != p:
-                i = _rng(self.cfg.seed, "camera", p).choice(self.image_idx[c])
-                self._frame_cache = (p, self._resize(self.images[i]))
-            return c, self._frame_cache[1]
-        i = _rng(self.cfg.seed, "camera", p, k).choice(self.image_idx[c])
-        return c, self._resize(self.images[i])
+        Returns ``{"ok": True, "start_ns", "end_ns", "class", "name"}`` with stamps in the
+        clock of the message stamps; raises :class:`SceneError` for a class without
+        samples, ``seconds`` outside (0, 3600] or when not streaming.
+        """
+        if isinstance(class_id, bool) or not isinstance(class_id, Integral) or class_id not in self.showable:
+            raise SceneError(f"class={class_id!r}: expected one of {self.showable} (classes with samples)")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, Real)
+            or not math.isfinite(seconds)
+            or not 0 < seconds <= MAX_SHOW_S
+        ):
+            raise SceneError(f"seconds={seconds!r}: expected a number with 0 < seconds <= {MAX_SHOW_S:g}")
+        class_id, seconds = int(class_id), float(seconds)
+        now, w0 = self._now()
+        try:
+            seg = self.timeline.show(class_id, seconds, now)
+        except ValueError as exc:
+            raise SceneError(str(exc)) from exc
+        log.info("scene: showing class %d (%s) for %.3f s", class_id, self.class_names[class_id], seconds)
+        return {
+            "ok": True,
+            "start_ns": w0 + seg.start_ns,
+            "end_ns": w0 + seg.end_ns,
+            "class": class_id,
+            "name": self.class_names[class_id],
+        }
 
-    def _mic_track(self, p: int, c: int, length: int) -> np.ndarray:
-        rng = _rng(self.cfg.seed, "mic", p)
-        n_clips = -(-length // self.clips.shape[1])
-        words = self.clips[rng.choice(self.clip_idx[c], n_clips)].reshape(-1)
-        if length < self.clips.shape[1]:  # dwell < 1 s: keep the middle of the word
-            off = (self.clips.shape[1] - length) // 2
-            words = words[off : off + length]
-        noise = rng.normal(0.0, 32767 * 10 ** (self.cfg.mic_noise_dbfs / 20), length)
-        return np.clip(words[:length] + np.round(noise), -32768, 32767).astype(np.int16)
+    def resume(self) -> dict[str, Any]:
+        """End the show in progress now: ``{"ok": True, "resumed": bool, "end_ns"}``."""
+        now, w0 = self._now()
+        seg = self.timeline.resume(now)
+        log.info("scene: resuming the schedule%s", "" if seg else " (no show in progress)")
+        return {"ok": True, "resumed": seg is not None, "end_ns": None if seg is None else w0 + seg.end_ns}
 
-    def _imu_track(self, p: int, c: int, length: int) -> np.ndarray:
-        rng = _rng(self.cfg.seed, "imu", p)
-        n_rec = -(-length // self.motions.shape[2])
-        rec = self.motions[rng.choice(self.motion_idx[c % 4], n_rec)]  # (n, 6, 100)
-        rows = rec.transpose(0, 2, 1).reshape(-1, 6)[:length].astype(np.float64)
-        out = np.empty((length, 10), dtype=np.float64)
-        out[:, 0:4] = IDENTITY_QUAT
-        out[:, 4:7] = rows[:, 3:6]  # gyro -> angular_velocity
-        out[:, 7:10] = rows[:, 0:3]  # accelerometer -> linear_acceleration
-        return out
+    def status(self) -> dict[str, Any]:
+        """What is shown now: ``{"ok", "class", "name", "override", "until_ns", "now_ns"}``."""
+        now, w0 = self._now()
+        seg = self.timeline.segment(now)
+        return {
+            "ok": True,
+            "class": seg.class_id,
+            "name": self.class_names[seg.class_id],
+            "override": seg.override,
+            "until_ns": w0 + seg.end_ns,
+            "now_ns": w0 + now,
+        }
+
+    @property
+    def scene_errors(self) -> int:
+        """Scene requests refused (ok=false) by this run's control socket."""
+        return self._scene.errors if self._scene is not None else 0
 
     # ------------------------------------------------------------------ loop
     def _count(self, topic: str, table: dict[str, int], n: int = 1) -> None:
@@ -300,16 +273,30 @@ class DatasetStreamer:
         return self._loop(publisher, stop)
 
     def _loop(self, pub: Any, stop: threading.Event) -> dict[str, Any]:
+        """Clock, timeline and scene control around :meth:`_stream`."""
+        self.endpoint = getattr(pub, "endpoint", self.cfg.endpoint)
+        self.timeline.reset()
+        t0, w0 = time.monotonic_ns(), time.time_ns()
+        self._t0, self.start_ns = t0, w0
+        try:
+            if self.cfg.scene_endpoint:
+                self._scene = SceneServer(self.cfg.scene_endpoint, self).start()
+                self.scene_endpoint = self._scene.endpoint
+            self.ready.set()
+            return self._stream(pub, stop, t0, w0)
+        finally:
+            self._t0 = None
+            if self._scene is not None:
+                self._scene.stop()
+            self.scene_endpoint = None
+
+    def _stream(self, pub: Any, stop: threading.Event, t0: int, w0: int) -> dict[str, Any]:
         cfg = self.cfg
-        self.endpoint = getattr(pub, "endpoint", cfg.endpoint)
-        self.ready.set()
         cam_ns = 1e9 / cfg.fps
         mic_n, imu_n = cfg.mic_chunk, cfg.imu_chunk
         mic_ns, imu_ns = mic_n * 1e9 / MIC_RATE, imu_n * 1e9 / IMU_RATE
         max_backlog = {"mic": max(1, round(1e9 / mic_ns)), "imu": max(1, round(1e9 / imu_ns))}
         k_cam = k_mic = k_imu = 0
-        t0 = time.monotonic_ns()
-        w0 = time.time_ns()
         end = t0 + round(cfg.seconds * 1e9) if cfg.seconds > 0 else None
         next_log, last_log, last_sent = t0 + cfg.log_every_s * 1e9, t0, dict(self.sent)
         log.info(
@@ -328,6 +315,7 @@ class DatasetStreamer:
             if end is not None and now >= end:
                 break
             el = now - t0
+            self.timeline.advance(el + 1)  # content up to el is sent now: no show may change it
             # camera: newest due frame only (a late camera drops frames)
             due = int(el // cam_ns)
             if due >= k_cam:
@@ -422,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="stop after S seconds (0 = never)")
     ap.add_argument("--rate-scale", type=float)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--scene-endpoint", help="bind the scene control here, e.g. tcp://127.0.0.1:5557")
+    ap.add_argument("--scene-share", type=float, help="share of each class's samples kept for shows")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -437,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds=args.seconds,
             rate_scale=args.rate_scale,
             seed=args.seed,
+            scene_endpoint=args.scene_endpoint,
+            scene_share=args.scene_share,
         )
         log.info("%s", format_config(cfg))
         streamer = DatasetStreamer(cfg)
