@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,65 +30,14 @@ import numpy as np
 import torch
 
 from training.buffer import ReplayBuffer
-from training.model import ModelConfig, SideNetwork
+from training.config import LearnerConfig
+from training.model import SideNetwork
 from training.registry import get as get_strategy
-from training.strategies.base import StrategyConfig, TaskReport, torch_threads
+from training.strategies.base import TaskReport, torch_threads
 from training.taskdata import TaskData
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-
-
-@dataclass(kw_only=True)
-class LearnerConfig:
-    """What a robot's launch file sets for the learner (``[learner]`` table)."""
-
-    strategy: str = "ours"
-    epochs: int = 8
-    batch_size: int = 64
-    replay_batch: int = 64
-    lr: float = 2e-3
-    max_seconds: float = 30.0
-    # One intra-op thread: the side network is tiny, and with 2 threads on 2 busy cores a batch-1
-    # predict took 196 ms instead of 4.9 ms (OpenMP workers waiting for a core); the other core
-    # stays with the backbones.
-    threads: int = 1
-    max_task_samples: int = 2000
-    buffer_size: int = 2000
-    buffer_bytes: int = 32 << 20
-    buffer_dtype: str = "float16"
-    d: int = 128
-    n_experts: int = 10
-    top_k: int = 2
-    freeze_threshold: float = 0.10
-    bottleneck: int = 32
-    proj_dim: int = 128
-    seed: int = 0
-    device: str = "cpu"
-    params: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "threads", "max_task_samples", "buffer_size", "d", "n_experts",
-                     "top_k", "bottleneck", "proj_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LearnerConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.max_seconds < 0:
-            raise ValueError(f"LearnerConfig.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
-        get_strategy(self.strategy)  # raises UnknownStrategyError naming the registered ones
-
-    def strategy_config(self) -> StrategyConfig:
-        return StrategyConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                              replay_batch=self.replay_batch, buffer_size=self.buffer_size,
-                              buffer_bytes=self.buffer_bytes, buffer_dtype=self.buffer_dtype,
-                              max_seconds=self.max_seconds, threads=self.threads, seed=self.seed,
-                              device=self.device, params=dict(self.params))
-
-    def model_config(self, tap_dims: dict[str, list[int]]) -> ModelConfig:
-        cls = get_strategy(self.strategy)
-        over = cls.model_overrides(self.params) if hasattr(cls, "model_overrides") else {}
-        return ModelConfig(tap_dims=tap_dims, d=self.d, n_experts=self.n_experts, top_k=self.top_k,
-                           freeze_threshold=self.freeze_threshold, bottleneck=self.bottleneck,
-                           proj_dim=self.proj_dim, **over)
 
 
 @dataclass

@@ -63,6 +63,23 @@ def names() -> list[str]:
     return [n for n in first if n in STRATEGIES] + sorted(n for n in STRATEGIES if n not in first)
 
 
+def declared_names() -> list[str]:
+    """Strategy names the modules of ``training/strategies/`` declare with ``@register("...")``,
+    read from their source without importing them (so without torch); ``names()`` is what
+    actually imported. Empty when the sources cannot be read (then nothing is checked)."""
+    import re
+    from importlib import resources
+
+    found: list[str] = []
+    try:
+        for res in resources.files("training.strategies").iterdir():
+            if res.name.endswith(".py") and not res.name.startswith("_"):
+                found += re.findall(r'@register\(\s*"([^"]+)"\s*\)', res.read_text())
+    except (OSError, ModuleNotFoundError):
+        return []
+    return sorted(set(found))
+
+
 def disabled() -> dict[str, str]:
     """Strategy modules that failed to import -> reason."""
     _load_all()
