@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from export.backbones.audio import BLOCK, BLOCK_SAMPLES, HOP, WINDOW, WINDOW_ENDS
+from export.audio_frames import BLOCK, BLOCK_SAMPLES, HOP, WINDOW, WINDOW_ENDS
 from export.errors import InputSpecError
 from export.taps import INPUT_NAME, Taps, TapSpec
 
@@ -101,6 +101,11 @@ class IncrementalAudioExtractor:
             for i in range(len(windows)):
                 self._windows.append([t[i] for t in taps])
         return len(windows)
+
+    @property
+    def covered_samples(self) -> int:
+        """Samples pushed since ``reset`` that the latest taps cover (end of the newest block; 0 before)."""
+        return 0 if self._next_block == 0 else BLOCK_HOP * (self._next_block - 1) + BLOCK_SAMPLES
 
     def taps(self) -> Taps | None:
         """Taps (batch 1) of the latest second, or None before a full second has arrived."""

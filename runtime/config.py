@@ -72,6 +72,55 @@ class AgentConfig:
 
 
 @dataclass(kw_only=True)
+class ServeConfig:
+    """Serving and learning-job knobs of the agent (``[serve]`` table)."""
+
+    topk: int = 3
+    backend_threads: int = 1  # intra-op threads of each backbone session (serving and workers)
+    side_threads: int = 1  # ONNX Runtime threads of the served side network
+    idle_rate_hz: float = 30.0  # prediction rate from audio/IMU alone while the camera is stale
+    smooth_s: float = 0.5  # window of the smoothed label (sensor time)
+    abstain_below: float = 0.5  # a confidence below this is "unknown"
+    unknown_share: float = 0.5  # the smoothed label is "unknown" when more of its window is unknown
+    open_set: bool = True  # a sample far from every learned class (tap space) is unknown
+    open_set_quantile: float = 0.99  # open-set thresholds: this quantile of held-out distances ...
+    open_set_margin: float = 1.25  # ... times this margin
+    camera_topic: str = "camera"
+    mic_topic: str = "mic"
+    imu_topic: str = "imu"
+    holdout: float = 0.2  # share of a new task's samples (time span for live ones) kept for the gate
+    holdout_guard_s: float = 1.0  # live samples this close before the holdout block are not used
+    dataset_per_class: int = 60  # samples per class for a dataset:SPLIT source
+    eval_per_class: int = 40  # samples per class for the evaluate command
+    initial_task: str = ""  # "name:label,label:source" learned at first start (no checkpoint)
+    job_nice: int = 10  # learning workers and job threads run at this nice level: serving comes first
+    worker_timeout_s: float = 900.0  # a learning worker silent for this long is killed
+    work_dir: str = ""  # job directories; "" = /dev/shm when writable, else the system temp dir
+    taught_bytes: int = 64 << 20  # taught samples kept (oldest captures dropped beyond it)
+    reservoir_size: int = 1000  # held-out samples kept for the gate's old-task check (class-balanced)
+    reservoir_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 0.9:
+            raise ValueError(f"holdout={self.holdout} must be in (0, 0.9)")
+        if self.dataset_per_class < 5:
+            raise ValueError(f"dataset_per_class={self.dataset_per_class} must be >= 5")
+        for name in ("topk", "backend_threads", "side_threads", "eval_per_class", "taught_bytes", "reservoir_size",
+                     "reservoir_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("idle_rate_hz", "smooth_s", "worker_timeout_s", "open_set_margin"):
+            _check_positive(name, getattr(self, name))
+        for name in ("abstain_below", "unknown_share", "open_set_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.holdout_guard_s < 0:
+            raise ValueError(f"holdout_guard_s={self.holdout_guard_s!r} must be >= 0")
+        if not 0 <= self.job_nice <= 19:
+            raise ValueError(f"job_nice={self.job_nice!r} must be in [0, 19]")
+
+
+@dataclass(kw_only=True)
 class ControlConfig:
     """The agent's control server (see ``runtime.control.ControlServer``)."""
 

@@ -195,6 +195,10 @@ class JobHandle:
     def update(self, progress: float | None = None, phase: str | None = None) -> None:
         self._tracker._update(self.id, progress, phase)
 
+    def set_meta(self, **meta: Any) -> None:
+        """Add facts to the job's ``meta`` (e.g. the worker's pid) while it runs."""
+        self._tracker._update(self.id, None, None, meta)
+
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
@@ -267,11 +271,13 @@ class JobTracker:
             self._threads.pop(handle.id, None)
         log.info("job %s %s", handle.id, state)
 
-    def _update(self, job_id: str, progress: float | None, phase: str | None) -> None:
+    def _update(self, job_id: str, progress: float | None, phase: str | None, meta: dict | None = None) -> None:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job["state"] != "running":
                 return
+            if meta:
+                job["meta"].update(meta)
             if progress is not None and math.isfinite(progress):
                 job["progress"] = min(1.0, max(0.0, float(progress)))
             if phase is not None:

@@ -1,6 +1,7 @@
-"""The agent's feature stage: one backbone pass per modality per sample.
+"""Batch feature extraction: one backbone pass per modality per sample (dataset and recording
+sources of a learning job, the evaluate job).
 
-Why a class of its own: the serving loop, live capture, MCAP replay and dataset sources
+Why a class of its own: live capture, MCAP replay and dataset sources
 must all produce taps through the *same* backends (the learner refuses taps from another
 model, see ``fingerprints``), and the "absent modality" convention (zero taps, present =
 False) must be applied in one place.
@@ -31,11 +32,13 @@ class SampleTaps:
 class FeatureExtractor:
     """Loads the three backends once (building/caching the ONNX models if needed)."""
 
-    def __init__(self, *, kind: str = "auto", model_dir: str | Path = "models", threads: int | None = None) -> None:
+    def __init__(self, *, kind: str = "auto", model_dir: str | Path = "models", threads: int | None = None,
+                 build: bool | str = True) -> None:
+        """``build``: see ``export.backends.load_manifest`` ("missing": no torch in this process)."""
         self.backends: dict[str, Backend] = {}
         for m in MODALITIES:
             kw = {} if threads is None else {"threads": threads}
-            self.backends[m] = load_backend(m, kind, model_dir, **kw)
+            self.backends[m] = load_backend(m, kind, model_dir, build=build, **kw)
             log.info("backbone %s: %s", m, self.backends[m])
         self.dims = {m: [s.dim for s in b.tap_specs] for m, b in self.backends.items()}
 

@@ -1,14 +1,14 @@
-"""Sensor intake of the agent: every message in, the newest sample out.
+"""Sensor intake of the agent: every message in, the newest camera frame out.
 
-Why lossless here and "newest" at the output: audio and IMU come in small chunks, and a
-1 s window needs every chunk (a dropped chunk is a hole in the window), while camera
-frames are whole samples, and inference only ever wants the newest one. So one thread reads
-everything from the sensor sockets (``LosslessReader``), appends audio and IMU chunks to
-bounded ``StreamWindow`` rings, keeps only the newest camera frame, and tracks when each
-modality was last heard from; the inference loop asks for a ``Sample`` whenever it is free.
-A modality that has been silent for ``stale_s`` is reported stale and left out of the
-sample (its learned "absent" token takes its place), so a dead sensor degrades the
-prediction instead of stopping it.
+Why lossless here and "newest" at the output: audio and IMU come in small chunks, and their
+taps need every chunk (a dropped chunk is a hole in the window), while camera frames are whole
+samples and inference only ever wants the newest one. So one thread reads everything from the
+sensor sockets (``LosslessReader``), hands audio and IMU messages to their tap streams
+(``runtime.streams``: incremental taps computed in their own threads), keeps only the newest
+camera frame and wakes the serving loop on it (``wait_frame``: event driven, no polling), and
+tracks when each modality was last heard from. A modality silent for ``stale_s`` is reported
+stale and left out of predictions (its learned "absent" token takes its place), so a dead
+sensor degrades the prediction instead of stopping it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import zmq
 
 from sensors.transport import LosslessReader
-from sensors.window import StreamWindow
 from sensors.wire import Audio, Image, Imu
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ class IntakeConfig:
     mic_topic: str = "mic"
     imu_topic: str = "imu"
     stale_s: float = 1.0
-    audio_window: int = 16000  # 1 s at 16 kHz
-    imu_window: int = 100  # 1 s at 100 Hz
     rcvhwm: int = 10_000  # messages ZeroMQ may queue ahead of the intake thread: a flood cannot grow memory
     max_invalid_hz: float = 2000.0  # malformed messages handled per second at most: a flood cannot starve serving
 
@@ -65,6 +63,15 @@ class Sample:
         return {"image": self.image is not None, "audio": self.audio is not None, "imu": self.imu is not None}
 
 
+@dataclass(frozen=True)
+class Frame:
+    """The newest camera frame: rgb8 pixels (own copy), sequence number, sensor stamp."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    seq: int
+    stamp_ns: int
+
+
 @dataclass
 class ModalityHealth:
     healthy: bool
@@ -75,12 +82,13 @@ class ModalityHealth:
 class SensorIntake:
     """Owns the receive thread; thread-safe ``sample()`` and ``health()``."""
 
-    def __init__(self, cfg: IntakeConfig, context: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: IntakeConfig, context: zmq.Context | None = None, *, audio: Any = None,
+                 imu: Any = None) -> None:
+        """``audio``/``imu``: tap streams (``runtime.streams``) that get every message of their topic."""
         self.cfg = cfg
         self._ctx = context
         self._topic_of = {cfg.camera_topic: "image", cfg.mic_topic: "audio", cfg.imu_topic: "imu"}
-        self._audio = StreamWindow(kind="audio", window=cfg.audio_window, channels=1, rate_hz=16000.0)
-        self._imu = StreamWindow(kind="imu", window=cfg.imu_window, channels=6, rate_hz=100.0)
+        self._streams = {"audio": audio, "imu": imu}
         self._lock = threading.Lock()
         self._frame: Image | None = None
         self._frame_new = threading.Condition(self._lock)
@@ -137,14 +145,13 @@ class SensorIntake:
                 self._record(modality, now, msg.stamp_ns)
                 self._frame_new.notify_all()
             return
-        window = self._audio if modality == "audio" else self._imu
-        if modality == "audio" and not isinstance(msg, Audio):
-            raise ValueError(f"mic topic needs audio, got {type(msg).__name__}")
-        if modality == "imu" and not isinstance(msg, Imu):
-            raise ValueError(f"imu topic needs imu, got {type(msg).__name__}")
+        stream = self._streams[modality]
+        if stream is not None:
+            stream.put(msg)  # ValueError/TypeError: counted as rejected by the caller
+        elif modality == "audio" and not isinstance(msg, Audio) or modality == "imu" and not isinstance(msg, Imu):
+            raise ValueError(f"{modality} topic got a {type(msg).__name__}")
+        stamp = int(msg.stamps_ns[-1]) if isinstance(msg, Imu) else msg.stamp_ns
         with self._lock:
-            window.push(msg)
-            stamp = int(msg.stamps_ns[-1]) if isinstance(msg, Imu) else msg.stamp_ns
             self._record(modality, now, stamp)
 
     def _record(self, modality: str, now: float, stamp_ns: int) -> None:
@@ -157,38 +164,28 @@ class SensorIntake:
         t = self._last_rx.get(modality)
         return t is not None and now - t <= self.cfg.stale_s
 
-    def sample(self, wait_s: float = 0.1, after_seq: int = -1) -> Sample | None:
-        """The newest fused sample; waits up to ``wait_s`` for a camera frame newer than
-        ``after_seq`` and otherwise returns what the other modalities have (or None)."""
-        deadline = time.monotonic() + wait_s
+    def fresh(self, modality: str) -> bool:
+        with self._lock:
+            return self._fresh(modality, time.monotonic())
+
+    def last_stamp(self, modality: str) -> int | None:
+        with self._lock:
+            return self._last_stamp.get(modality)
+
+    def wait_frame(self, after_seq: int, timeout_s: float) -> Frame | None:
+        """The newest fresh camera frame other than ``after_seq``, waiting up to ``timeout_s``
+        for one to arrive (woken by the intake thread); None on timeout or when stopping."""
+        deadline = time.monotonic() + timeout_s
         with self._lock:
             while not self._stop.is_set():
-                frame_new = self._frame is not None and self._frame.seq != after_seq
-                if frame_new and self._fresh("image", time.monotonic()):
-                    break
+                f = self._frame
+                if f is not None and f.seq != after_seq and self._fresh("image", time.monotonic()):
+                    return Frame(image=_to_rgb(f), seq=f.seq, stamp_ns=f.stamp_ns)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    break
+                    return None
                 self._frame_new.wait(remaining)
-            now = time.monotonic()
-            image = None
-            frame_seq, frame_stamp = -1, 0
-            if self._frame is not None and self._fresh("image", now):
-                image = _to_rgb(self._frame)
-                frame_seq, frame_stamp = self._frame.seq, self._frame.stamp_ns
-            audio = self._audio.latest() if self._fresh("audio", now) else None
-            imu = self._imu.latest() if self._fresh("imu", now) else None
-            stamps = [self._last_stamp[m] for m, x in (("image", image), ("audio", audio), ("imu", imu)) if x is not None]
-        if not stamps:
-            return None
-        return Sample(
-            stamp_ns=max(stamps),
-            image=image,
-            audio=None if audio is None else audio[:, 0].copy(),
-            imu=None if imu is None else np.ascontiguousarray(imu.T),
-            frame_seq=frame_seq,
-            frame_stamp_ns=frame_stamp,
-        )
+        return None
 
     def health(self) -> dict[str, ModalityHealth]:
         now = time.monotonic()

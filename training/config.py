@@ -55,6 +55,8 @@ class LearnerConfig:
                 raise ValueError(f"LearnerConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.max_seconds < 0:
             raise ValueError(f"LearnerConfig.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ValueError(f"LearnerConfig.device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         declared = declared_names()
         if declared and self.strategy not in declared:  # without importing torch; get() is authoritative
             raise UnknownStrategyError(f"unknown strategy {self.strategy!r}; declared: {declared}")
@@ -66,7 +68,15 @@ class LearnerConfig:
                               replay_batch=self.replay_batch, buffer_size=self.buffer_size,
                               buffer_bytes=self.buffer_bytes, buffer_dtype=self.buffer_dtype,
                               max_seconds=self.max_seconds, threads=self.threads, seed=self.seed,
-                              device=self.device, params=dict(self.params))
+                              device=self.resolved_device(), params=dict(self.params))
+
+    def resolved_device(self) -> str:
+        """``auto``: CUDA where torch sees a GPU (the learning worker on a Jetson), else the CPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def model_config(self, tap_dims: dict[str, list[int]]) -> ModelConfig:
         from training.model import ModelConfig

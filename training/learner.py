@@ -125,8 +125,12 @@ class Learner:
         t, present = self._batch(taps, present_modalities)
         with self._lock:
             strategy, names = self.strategy, list(self.class_names)
+        dev = getattr(strategy, "device", "cpu")
+        if str(dev) != "cpu":  # a learner training on the GPU (worker with device="cuda")
+            t = {m: [x.to(dev) for x in lv] for m, lv in t.items()}
+            present = present.to(dev)
         with torch_threads(self.config.threads):
-            logits = strategy.predict(t, present)
+            logits = strategy.predict(t, present).cpu()
         if logits.shape[1] == 0:
             n = present.shape[0]
             return Prediction(np.zeros((n, 0), np.float32), np.full(n, -1), [""] * n, np.zeros(n, np.float32))

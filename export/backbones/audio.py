@@ -31,18 +31,26 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from export.audio_frames import (  # noqa: F401  (re-exported: the backbone's framing)
+    BLOCK,
+    BLOCK_SAMPLES,
+    F_MAX,
+    F_MIN,
+    HOP,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    SAMPLE_RATE,
+    TOP_DB,
+    USED_SAMPLES,
+    WIN,
+    WINDOW,
+    WINDOW_ENDS,
+)
 from export.backbones import register
 from export.backbones.base import Backbone, GraphPart, pool
 from export.taps import InputSpec, TapSpec
 
-SAMPLE_RATE = 16000
-N_FFT, WIN, HOP, N_MELS, F_MIN, F_MAX, TOP_DB = 512, 400, 160, 32, 60.0, 3800.0, 80.0
-BLOCK = 8  # mel frames per block (80 ms): top-db floor scope and embedding hop
-WINDOW = 76  # mel frames per embedding window
-N_FRAMES = 96
-USED_SAMPLES = (N_FRAMES - 1) * HOP + N_FFT  # 15712
-BLOCK_SAMPLES = (BLOCK - 1) * HOP + N_FFT  # 1632 samples give one block of 8 frames
-WINDOW_ENDS = (80, 88, 96)
 TAPS = {"pool2": 48, "pool3": 72, "pool4": 96, "embedding": 96}
 _TAP_NODES = ("model/max_pooling2d_1/MaxPool", "model/max_pooling2d_2/MaxPool",
               "model/max_pooling2d_3/MaxPool", "model/conv2d_19/Conv2D")

@@ -1,0 +1,199 @@
+"""What a learning worker computes (torch lives here, never in the serving process).
+
+``learn`` takes the serving state (learner, replay buffer, held-out reservoir), the new task's
+samples and the job's settings, and produces a *candidate* state plus the figures the agent's
+gate decides on:
+
+1. split the new task's samples (``runtime.gate.holdout_split``: time blocks for live captures);
+2. score the serving model on the held-out reservoir of the old classes (never trained on);
+3. train a copy on the training split (the strategy mixes in replayed samples itself);
+4. score the candidate on the new task's holdout and on the same reservoir;
+5. add the holdout to the reservoir, so later tasks are checked on it;
+6. fit the open-set prototypes on the candidate's replay buffer and calibrate their distance
+   thresholds on the reservoir (held-out samples of every learned class);
+7. export the candidate's prediction to ONNX for the serving process and check it against torch.
+
+``evaluate`` scores a state's *served* model (the ONNX export) on a dataset split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import CommandError
+from runtime.gate import holdout_split
+from runtime.statefiles import StateFiles
+from training.buffer import ReplayBuffer
+from training.config import LearnerConfig
+from training.taskdata import TaskData
+
+log = logging.getLogger(__name__)
+MODALITIES = ("image", "audio", "imu")
+PARITY_ATOL = 1e-3  # ONNX vs torch probabilities; a larger gap means a broken export
+
+
+@dataclass
+class TaskSamples:
+    """The new task's samples: taps per modality, presence, camera stamps (0: none), label names."""
+
+    taps: dict[str, list[np.ndarray]]
+    present: np.ndarray
+    stamps: np.ndarray
+    names: list[str]
+
+    def subset(self, mask: np.ndarray) -> TaskSamples:
+        return TaskSamples({m: [x[mask] for x in lv] for m, lv in self.taps.items()}, self.present[mask],
+                           self.stamps[mask], [n for n, k in zip(self.names, mask, strict=True) if k])
+
+
+@dataclass(kw_only=True)
+class LearnSettings:
+    holdout: float = 0.2
+    holdout_guard_s: float = 1.0
+    min_per_label: int = 4
+    reservoir_size: int = 1000
+    reservoir_bytes: int = 8 << 20
+    open_set_quantile: float = 0.99
+    open_set_margin: float = 1.25
+    seed: int = 0
+    serving_threads: int = 1
+
+
+@dataclass
+class Candidate:
+    files: StateFiles  # learner, buffer, reservoir, serving (meta left to the agent)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def load_state(base: StateFiles | None, tap_dims: dict[str, list[int]], config: LearnerConfig
+               ) -> tuple[Any, ReplayBuffer | None]:
+    """(Learner, held-out reservoir) from a checkpoint's files, or fresh ones."""
+    from training.learner import Learner
+
+    learner = Learner(tap_dims, config)
+    if base is None:
+        return learner, None
+    state = base.decode(["learner", "buffer", "reservoir"] if "reservoir" in base.entries else ["learner", "buffer"])
+    learner.load_state_dict(state["learner"])
+    if state.get("buffer") is not None:
+        learner.strategy.buffer = ReplayBuffer.from_state_dict(state["buffer"], seed=config.seed)
+    res = state.get("reservoir")
+    return learner, None if res is None else ReplayBuffer.from_state_dict(res, seed=config.seed + 1)
+
+
+def _accuracy(learner: Any, data: TaskData | None) -> float | None:
+    return None if data is None or len(data) == 0 else float(learner.evaluate(data))
+
+
+def _reservoir_data(res: ReplayBuffer | None, classes: set[int] | None = None) -> TaskData | None:
+    if res is None or len(res) == 0:
+        return None
+    rb = res.all()
+    keep = np.ones(len(rb), bool) if classes is None else np.isin(rb.labels, sorted(classes))
+    if not keep.any():
+        return None
+    return TaskData(taps={m: [x[keep] for x in lv] for m, lv in rb.taps.items()}, present=rb.present[keep],
+                    labels=rb.labels[keep], task=0, name="reservoir")
+
+
+def per_task_accuracy(learner: Any, res: ReplayBuffer | None, tasks: list[dict[str, Any]]) -> list[float | None]:
+    """Accuracy on each task's classes in the reservoir (a row of the accuracy matrix)."""
+    index = {n: i for i, n in enumerate(learner.class_names)}
+    return [_accuracy(learner, _reservoir_data(res, {index[lab] for lab in t["labels"] if lab in index}))
+            for t in tasks]
+
+
+def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: list[str], tasks: list[dict[str, Any]],
+          tap_dims: dict[str, list[int]], config: LearnerConfig, settings: LearnSettings,
+          progress: Callable[[float | None, str], None], cancel: Any) -> Candidate:
+    """See the module docstring. ``tasks``: the learned tasks (names, labels) before this one."""
+    from runtime.serving_model import ServingModel
+    from training.learner import LabelledSamples
+    from training.onnx_export import export_predictor, predictor_parity
+    from training.openset import OpenSet
+
+    t0 = time.perf_counter()
+    names = np.asarray(samples.names)
+    counts = {lab: int((names == lab).sum()) for lab in labels}
+    if min(counts.values()) < settings.min_per_label:
+        raise CommandError("too_few_samples", f"need >= {settings.min_per_label} samples per label, got {counts}")
+    split = holdout_split(samples.names, samples.stamps, share=settings.holdout, guard_s=settings.holdout_guard_s,
+                          seed=settings.seed + len(tasks))
+    train, held = samples.subset(split.train), samples.subset(split.holdout)
+    progress(0.32, f"split: {int(split.train.sum())} train, {int(split.holdout.sum())} held out, "
+                   f"{int(split.dropped.sum())} guard ({', '.join(sorted(set(split.how.values())))})")
+    learner, reservoir = load_state(base, tap_dims, config)
+    old = _reservoir_data(reservoir)
+    before_old = _accuracy(learner, old)
+
+    def on_step(step: int, total: int) -> None:
+        progress(0.35 + 0.45 * step / max(total, 1), f"training step {step}/{total}")
+
+    report = learner.learn_task(LabelledSamples(taps=train.taps, present=train.present, names=train.names),
+                                progress=on_step, cancel=cancel)
+    progress(0.82, "gate figures")
+    held_ls = LabelledSamples(taps=held.taps, present=held.present, names=held.names)
+    new_acc = float(learner.evaluate(held_ls))
+    after_old = _accuracy(learner, old)
+    # the holdout joins the reservoir: later tasks are checked on it, training never sees it
+    if reservoir is None:
+        reservoir = ReplayBuffer(settings.reservoir_size, settings.reservoir_bytes, "float16", seed=settings.seed + 1)
+    ids = np.asarray([learner.class_names.index(n) for n in held.names], np.int64)
+    reservoir.add_batch(held.taps, held.present, ids, task=len(tasks), stamps=held.stamps)
+    all_tasks = [*tasks, {"name": name, "labels": labels}]
+    row = per_task_accuracy(learner, reservoir, all_tasks)
+    progress(0.86, "open-set calibration")
+    rb = learner.buffer.all()
+    openset = OpenSet.fit(rb.taps, rb.present, rb.labels, num_classes=len(learner.class_names),
+                          modalities=list(tap_dims))
+    rall = reservoir.all()
+    openset.calibrate(rall.taps, rall.present, rall.labels, quantile=settings.open_set_quantile,
+                      margin=settings.open_set_margin)
+    progress(0.9, "exporting the serving model (ONNX)")
+    onnx_bytes = export_predictor(learner)
+    check = held.present[: min(32, len(held.names))]
+    gap = predictor_parity(learner, onnx_bytes, {m: [x[: len(check)] for x in lv] for m, lv in held.taps.items()}, check)
+    if not gap <= PARITY_ATOL:
+        raise RuntimeError(f"the ONNX export of the candidate differs from torch by {gap:.2e} (> {PARITY_ATOL}); "
+                           "not served")
+    serving = ServingModel(onnx_bytes, class_names=list(learner.class_names), tap_dims=tap_dims,
+                           threads=settings.serving_threads).to_entry()
+    serving["openset"] = openset.state_dict()
+    files = StateFiles.encode({"learner": learner.state_dict(), "buffer": learner.buffer.state_dict(),
+                               "reservoir": reservoir.state_dict(), "serving": serving})
+    novelty = openset.score(held.taps, held.present)
+    out = {"samples": counts, "train_samples": int(split.train.sum()), "holdout_samples": int(split.holdout.sum()),
+           "guard_samples": int(split.dropped.sum()), "split": split.how, "new_task_acc": round(new_acc, 4),
+           "old_acc_before": None if before_old is None else round(before_old, 4),
+           "old_acc_after": None if after_old is None else round(after_old, 4),
+           "accuracy_row": [None if a is None else round(a, 4) for a in row],
+           "holdout_known_rate": round(float(np.mean(novelty <= 1.0)), 4) if len(novelty) else None,
+           "onnx_parity": float(gap), "train_seconds": round(report.seconds, 2), "steps": report.steps,
+           "stopped": report.stopped, "classes": list(learner.class_names),
+           "worker_seconds": round(time.perf_counter() - t0, 2)}
+    return Candidate(files=files, report=out)
+
+
+def evaluate(base: StateFiles, samples: TaskSamples, tasks: list[dict[str, Any]], *, threads: int = 1
+             ) -> list[dict[str, Any]]:
+    """Accuracy of the served (ONNX) model per learned task on ``samples`` (names = labels)."""
+    from runtime.serving_model import ServingModel
+
+    entry = base.decode(["serving"])["serving"]
+    model = ServingModel.from_entry(entry, threads=threads)
+    probs = np.concatenate([model.predict({m: [x[s:s + 256] for x in lv] for m, lv in samples.taps.items()},
+                                          samples.present[s:s + 256]) for s in range(0, len(samples.names), 256)])
+    pred = np.asarray(model.class_names)[probs.argmax(1)]
+    names = np.asarray(samples.names)
+    out = []
+    for t in tasks:
+        mask = np.isin(names, t["labels"])
+        acc = float((pred[mask] == names[mask]).mean()) if mask.any() else None
+        out.append({"task": t["name"], "accuracy": None if acc is None else round(acc, 4), "samples": int(mask.sum())})
+    return out
