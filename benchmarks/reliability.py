@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,216 +40,25 @@ import numpy as np
 import torch
 import zmq
 
+from benchmarks.harness import (  # noqa: F401  (the tests import the harness from here too)
+    REPO,
+    SLOW_SAVE_ENV,
+    Agent,
+    AgentSetup,
+    Proc,
+    collect_predictions,
+    free_port,
+    make_keys,
+    start_publisher,
+    subscribe_predictions,
+    write_toml,
+)
 from runtime import keys
 from runtime.checkpoints import CheckpointStore
-from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError, RemoteError
 
-REPO = Path(__file__).resolve().parents[1]
 TASK0 = ["t-shirt", "trouser"]
 TASK1 = ["pullover", "dress"]
-SLOW_SAVE_ENV = "CONTINUA_TEST_SLOW_SAVE_S"
-
-
-# --------------------------------------------------------------------------- harness
-def free_port() -> int:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REP)
-    try:
-        return s.bind_to_random_port("tcp://127.0.0.1")
-    finally:
-        s.close(0)
-
-
-def make_keys(root: Path) -> Path:
-    kdir = root / "keys"
-    if not (kdir / "server.key_secret").exists():
-        keys.create("server", kdir)
-        keys.create("op", kdir)
-        keys.create("op2", kdir)
-    return kdir
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
-
-
-def write_toml(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-class Proc:
-    """A child process with its output in a log file; every wait is bounded."""
-
-    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.log_path = name, log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
-        full_env = {k: v for k, v in os.environ.items() if k != SLOW_SAVE_ENV}
-        full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                      env=full_env, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, the power cut."""
-        if self.alive():
-            self.popen.send_signal(signal.SIGKILL)
-        self.wait(10.0)
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-        rc = self.wait(timeout_s)
-        if rc is None:
-            self.kill()
-        return self.popen.returncode
-
-    def wait(self, timeout_s: float) -> int | None:
-        try:
-            rc = self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-        self._log.close()
-        return rc
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-
-def start_publisher(root: Path, name: str, endpoint: str, *, topics: tuple[str, ...] = ("camera", "mic", "imu"),
-                    classes: tuple[int, ...] = (0, 1), seed: int = 0) -> Proc:
-    """Dataset publishers as a process; topics not in ``topics`` go to names the agent ignores."""
-    table: dict[str, Any] = {"endpoint": endpoint, "split": "test", "classes": list(classes), "dwell_s": 1.0,
-                             "camera_resample": "frame", "seed": seed, "truth_topic": f"off-truth-{name}"}
-    for t, key in (("camera", "camera_topic"), ("mic", "mic_topic"), ("imu", "imu_topic")):
-        table[key] = t if t in topics else f"off-{t}"
-    cfg = write_toml(root / f"pub-{name}.toml", {"publishers": table})
-    return Proc(f"pub-{name}", ["-m", "sensors.datasets.publish", "--config", str(cfg)], root / f"pub-{name}.log")
-
-
-@dataclass
-class AgentSetup:
-    """Everything needed to (re)start one agent: ports, keys, state directory, config file."""
-
-    root: Path
-    kdir: Path
-    sensors: list[str]
-    state: Path
-    pred_port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
-    serve: dict[str, Any] = field(default_factory=dict)
-    control: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def control_ep(self) -> str:
-        return f"tcp://127.0.0.1:{self.control_port}"
-
-    @property
-    def pred_ep(self) -> str:
-        return f"tcp://127.0.0.1:{self.pred_port}"
-
-    def config(self) -> Path:
-        return write_toml(self.root / "agent.toml", {
-            "agent": {"sensors": self.sensors, "predictions": self.pred_ep, "backend": "onnxruntime",
-                      "model_dir": REPO / "models", "checkpoint_dir": self.state, "min_new_task_acc": 0.3,
-                      "max_old_task_drop": 0.6},
-            "control": {"endpoint": self.control_ep, "keys_dir": self.kdir, **self.control},
-            "serve": {"dataset_per_class": 30, "eval_per_class": 20, **self.serve},
-            "learner": {"threads": 1},
-        })
-
-    def client(self, key: str = "op", timeout_s: float = 10.0) -> ControlClient:
-        return ControlClient(self.control_ep, keys_dir=self.kdir, key_name=key, timeout_s=timeout_s)
-
-
-class Agent:
-    """``python -m runtime.agent --config`` as a process plus a console client."""
-
-    def __init__(self, setup: AgentSetup, *, env: dict[str, str] | None = None, tag: str = "agent") -> None:
-        self.setup = setup
-        self.proc = Proc(tag, ["-m", "runtime.agent", "--config", str(setup.config())], setup.root / f"{tag}.log", env)
-        self.client = setup.client()
-
-    def wait_ready(self, timeout_s: float = 60.0, predictions: bool = True) -> dict:
-        """Status once the control socket answers (and, with ``predictions``, it has predicted)."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if not self.proc.alive():
-                raise RuntimeError(f"agent exited with {self.proc.popen.returncode}:\n{self.proc.log_text()[-3000:]}")
-            try:
-                st = self.client.request("status", timeout_s=2.0)
-            except ControlTimeoutError:
-                continue
-            if not predictions or st["predictions"] > 0:
-                return st
-            time.sleep(0.2)
-        raise TimeoutError(f"agent not ready in {timeout_s} s:\n{self.proc.log_text()[-3000:]}")
-
-    def status(self) -> dict:
-        return self.client.request("status")
-
-    def wait_job(self, job: str, timeout_s: float = 120.0, until: Any = None) -> dict:
-        """Poll the job until it ends (or ``until(snapshot)`` is true); bounded."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            snap = self.client.request("job", {"id": job})
-            if snap["state"] != "running" or (until is not None and until(snap)):
-                return snap
-            time.sleep(0.05)
-        raise TimeoutError(f"job {job} still running after {timeout_s} s")
-
-    def learn(self, name: str, labels: list[str]) -> str:
-        return self.client.request("learn-new-task", {"name": name, "labels": labels, "source": "dataset:train"})["job"]
-
-    def kill(self) -> None:
-        self.client.close()
-        self.proc.kill()
-
-    def stop(self) -> int | None:
-        self.client.close()
-        return self.proc.stop()
-
-
-def subscribe_predictions(endpoint: str) -> zmq.Socket:
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.linger = 0
-    sub.connect(endpoint)
-    sub.subscribe(b"prediction")
-    return sub
-
-
-def collect_predictions(sub: zmq.Socket, seconds: float, max_n: int = 100_000) -> list[dict]:
-    out: list[dict] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and len(out) < max_n:
-        if sub.poll(100):
-            out.append(msgpack.unpackb(sub.recv_multipart()[-1]))
-    return out
 
 
 # --------------------------------------------------------------------------- committed state

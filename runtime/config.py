@@ -76,8 +76,10 @@ class ServeConfig:
     """Serving and learning-job knobs of the agent (``[serve]`` table)."""
 
     topk: int = 3
-    backend_threads: int = 1  # intra-op threads of each backbone session (serving and workers)
+    image_threads: int = 2  # intra-op threads of the image backbone session (the per-frame path)
+    backend_threads: int = 1  # intra-op threads of the audio and IMU sessions, and of a worker's backbones
     side_threads: int = 1  # ONNX Runtime threads of the served side network
+    gil_switch_s: float = 0.001  # sys.setswitchinterval of the agent process (Python's default: 0.005)
     idle_rate_hz: float = 30.0  # prediction rate from audio/IMU alone while the camera is stale
     smooth_s: float = 0.5  # window of the smoothed label (sensor time)
     abstain_below: float = 0.5  # a confidence below this is "unknown"
@@ -94,6 +96,7 @@ class ServeConfig:
     eval_per_class: int = 40  # samples per class for the evaluate command
     initial_task: str = ""  # "name:label,label:source" learned at first start (no checkpoint)
     job_nice: int = 10  # learning workers and job threads run at this nice level: serving comes first
+    worker_idle_sched: bool = True  # Linux: the learning worker runs as SCHED_IDLE (only on otherwise idle cores)
     worker_timeout_s: float = 900.0  # a learning worker silent for this long is killed
     work_dir: str = ""  # job directories; "" = /dev/shm when writable, else the system temp dir
     taught_bytes: int = 64 << 20  # taught samples kept (oldest captures dropped beyond it)
@@ -105,11 +108,11 @@ class ServeConfig:
             raise ValueError(f"holdout={self.holdout} must be in (0, 0.9)")
         if self.dataset_per_class < 5:
             raise ValueError(f"dataset_per_class={self.dataset_per_class} must be >= 5")
-        for name in ("topk", "backend_threads", "side_threads", "eval_per_class", "taught_bytes", "reservoir_size",
+        for name in ("topk", "image_threads", "backend_threads", "side_threads", "eval_per_class", "taught_bytes", "reservoir_size",
                      "reservoir_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        for name in ("idle_rate_hz", "smooth_s", "worker_timeout_s", "open_set_margin"):
+        for name in ("idle_rate_hz", "smooth_s", "worker_timeout_s", "open_set_margin", "gil_switch_s"):
             _check_positive(name, getattr(self, name))
         for name in ("abstain_below", "unknown_share", "open_set_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:

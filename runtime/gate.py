@@ -60,7 +60,8 @@ def decide(*, new_task_acc: float, old_acc_before: float | None, old_acc_after: 
         if acc is not None and not 0.0 <= acc <= 1.0:  # NaN too: a NaN drop would pass the gate
             raise ValueError(f"{name}={acc!r} must be in [0, 1] or None")
     # rounded: accuracies are k/n fractions, and 0.8 - 0.7 = 0.10000000000000009 must not fail a 0.1 limit
-    drop = 0.0 if old_acc_before is None or old_acc_after is None else round(float(old_acc_before - old_acc_after), 9)
+    drop = 0.0 if old_acc_before is None or old_acc_after is None else \
+        round(float(old_acc_before - old_acc_after), 9)
     reasons = []
     if new_task_acc < config.min_new_task_acc:
         reasons.append(f"new-task accuracy {new_task_acc:.3f} < {config.min_new_task_acc}")

@@ -70,6 +70,7 @@ class Frame:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     seq: int
     stamp_ns: int
+    rx_ns: int = 0  # wall clock when the intake received it
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SensorIntake:
         self._streams = {"audio": audio, "imu": imu}
         self._lock = threading.Lock()
         self._frame: Image | None = None
+        self._frame_rx_ns = 0
         self._frame_new = threading.Condition(self._lock)
         self._last_rx: dict[str, float] = {}
         self._last_stamp: dict[str, int] = {}
@@ -123,25 +125,25 @@ class SensorIntake:
             got = self._reader.recv(timeout_ms=100)
             if got is None:
                 continue
-            topic, msg, _rx_ns = got
+            topic, msg, rx_ns = got
             modality = self._topic_of.get(topic)
             if modality is None:
                 continue
             try:
-                self._ingest(modality, msg)
+                self._ingest(modality, msg, rx_ns)
             except (ValueError, TypeError) as exc:  # wrong shape for this modality: count, go on
                 reason = f"{modality}:{type(exc).__name__}"
                 n = self._rejected[reason] = self._rejected.get(reason, 0) + 1
                 if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: a flood of them does not flood the log
                     log.warning("dropping %s message on %r (%d so far): %s", modality, topic, n, exc)
 
-    def _ingest(self, modality: str, msg: Image | Audio | Imu) -> None:
+    def _ingest(self, modality: str, msg: Image | Audio | Imu, rx_ns: int = 0) -> None:
         now = time.monotonic()
         if modality == "image":
             if not isinstance(msg, Image) or msg.encoding not in ("rgb8", "bgr8", "mono8"):
                 raise ValueError(f"camera topic needs a raw image, got {type(msg).__name__}")
             with self._lock:
-                self._frame = msg
+                self._frame, self._frame_rx_ns = msg, rx_ns
                 self._record(modality, now, msg.stamp_ns)
                 self._frame_new.notify_all()
             return
@@ -180,7 +182,7 @@ class SensorIntake:
             while not self._stop.is_set():
                 f = self._frame
                 if f is not None and f.seq != after_seq and self._fresh("image", time.monotonic()):
-                    return Frame(image=_to_rgb(f), seq=f.seq, stamp_ns=f.stamp_ns)
+                    return Frame(image=_to_rgb(f), seq=f.seq, stamp_ns=f.stamp_ns, rx_ns=self._frame_rx_ns)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None

@@ -2,7 +2,8 @@
 
 ``learn-new-task`` is a background job (``runtime.control.JobTracker``). Its thread
 
-1. writes a job directory (``job.json``, the serving state's files as ``base/``) and spawns the
+1. writes a job directory (``job.json``; the serving state's files as ``base/`` unless it is
+   committed, then the worker reads the checkpoint itself) and spawns the
    worker (``python -m runtime.worker``) at once, so that its torch import and state loading
    overlap a live capture;
 2. collects the samples: a live capture per label through the serving loop (stored in the
@@ -59,12 +60,13 @@ def default_work_dir() -> Path:
 class Worker:
     """One ``python -m runtime.worker`` process and the agent's end of its socket pair."""
 
-    def __init__(self, job_dir: Path, *, nice: int) -> None:
+    def __init__(self, job_dir: Path, *, nice: int, idle_sched: bool = True) -> None:
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "runtime.worker", "--job", str(job_dir), "--fd", str(theirs.fileno()),
-                 "--nice", str(nice), "--log-level", logging.getLevelName(logging.getLogger().level)],
+                 "--nice", str(nice), *(["--idle-sched"] if idle_sched else []),
+                 "--log-level", logging.getLevelName(logging.getLogger().level)],
                 pass_fds=[theirs.fileno()], close_fds=True)
         finally:
             theirs.close()
@@ -136,12 +138,32 @@ class Learning:
         self.agent = agent
         self.work_dir = Path(agent.serve_cfg.work_dir) if agent.serve_cfg.work_dir else default_work_dir()
         self.worker_pid: int | None = None
+        self._clean_stale()
+
+    def _clean_stale(self) -> None:
+        """Job directories of agents that died (SIGKILL, power cut) would hold RAM in /dev/shm forever."""
+        for d in self.work_dir.glob("continua-job-*"):
+            try:
+                pid = int(d.name.split("-")[2])
+                os.kill(pid, 0)  # still running: not ours to remove
+            except (ValueError, IndexError, ProcessLookupError):
+                log.info("removing the job directory %s left by a stopped agent", d)
+                shutil.rmtree(d, ignore_errors=True)
+            except PermissionError:  # another user's live agent
+                pass
+
+    def job_dirs(self) -> list[Path]:
+        """This agent's job directories (one while a job runs)."""
+        return sorted(self.work_dir.glob(f"continua-job-{os.getpid()}-*"))
 
     # ---- job plumbing
     def _job_dir(self, base: StateFiles | None, spec: dict[str, Any]) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        job = Path(tempfile.mkdtemp(prefix="continua-job-", dir=self.work_dir))
-        if base is not None:
+        job = Path(tempfile.mkdtemp(prefix=f"continua-job-{os.getpid()}-", dir=self.work_dir))
+        on_disk = self.agent.checkpoint_path  # the serving state as committed, when it is
+        if base is not None and on_disk is not None and on_disk.is_dir():
+            spec["base_dir"] = str(on_disk)  # the worker reads and verifies it: no 20 MB copy here
+        elif base is not None:
             (job / "base").mkdir()
             base.write_dir(job / "base")
         (job / "job.json").write_text(json.dumps(spec, indent=1, default=str))
@@ -183,7 +205,7 @@ class Learning:
     def _run_worker(self, spec: dict[str, Any], base: StateFiles | None, handle: JobHandle, prepare: Any = None
                     ) -> tuple[dict[str, Any], Path]:
         job = self._job_dir(base, spec)
-        worker = Worker(job, nice=self.agent.serve_cfg.job_nice)
+        worker = Worker(job, nice=self.agent.serve_cfg.job_nice, idle_sched=self.agent.serve_cfg.worker_idle_sched)
         self.worker_pid = worker.pid
         handle.set_meta(worker_pid=worker.pid)
         try:

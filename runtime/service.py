@@ -64,7 +64,7 @@ class Agent:
         self.dims = {m: [int(t["dim"]) for t in man["taps"]] for m, man in manifests.items()}
         self.fingerprints = {m: fingerprint(man) for m, man in manifests.items()}
         th = serve.backend_threads
-        self.image = load_backend("image", cfg.backend, cfg.model_dir, build=False, threads=th)
+        self.image = load_backend("image", cfg.backend, cfg.model_dir, build=False, threads=serve.image_threads)
         self.audio = AudioTapStream(IncrementalAudioExtractor(cfg.model_dir, "torch" if cfg.backend == "torch"
                                                               else "onnxruntime", threads=th, build=False))
         self.imu = ImuTapStream(load_backend("imu", cfg.backend, cfg.model_dir, build=False, threads=th))
@@ -84,6 +84,7 @@ class Agent:
         self.tasks: list[dict[str, Any]] = []
         self.version = 0
         self.persisted = True  # False: the serving state is newer than the last checkpoint
+        self.checkpoint_path: Path | None = None  # the serving state's checkpoint, while it is the latest
         self.notices: deque[str] = deque(maxlen=20)
         self._register_commands()
 
@@ -112,7 +113,7 @@ class Agent:
                                f"{have} differ from the loaded models' {self.fingerprints}; rebuild the same models "
                                f"(python -m export build) or start from an empty state directory")
 
-    def _adopt(self, files: StateFiles, meta: dict[str, Any], where: str) -> None:
+    def _adopt(self, files: StateFiles, meta: dict[str, Any], where: str, path: Path | None = None) -> None:
         self._check_fingerprints(meta, where)
         if "serving" not in files.entries:
             raise RuntimeError(f"checkpoint {where} has no exported serving model (written by continua before the "
@@ -120,6 +121,7 @@ class Agent:
         served = served_from(files, int(meta.get("version", 0)), self.serve_cfg.side_threads)
         with self._lock:
             self.files, self.tasks, self.version = files, list(meta.get("tasks", [])), served.version
+            self.checkpoint_path = path
             self.server.served = served
 
     def restore(self) -> bool:
@@ -131,20 +133,20 @@ class Agent:
         for bad in res.corrupt:
             self.notice(f"checkpoint {bad.name} is corrupt ({bad.reason}); moved to {bad.moved_to}")
         assert res.files is not None
-        self._adopt(res.files, res.meta, res.name)
+        self._adopt(res.files, res.meta, res.name, res.path)
         log.info("resumed %s: version %d, %d task(s), classes %s%s", res.name, self.version, len(self.tasks),
                  list(self.server.served.class_names), " (fell back from a corrupt newer one)" if res.fell_back else "")
         return True
 
-    def _commit(self, files: StateFiles) -> str:
+    def _commit(self, files: StateFiles) -> tuple[str, Path | None]:
         try:
             info = self.store.save_files(files)
         except CheckpointWriteError as exc:
             self.notice(f"checkpoint write failed, model v{files.meta.get('version')} kept in memory only: {exc}")
             self.persisted = False
-            return f"not persisted: {exc}"
+            return f"not persisted: {exc}", None
         self.persisted = True
-        return info.name
+        return info.name, info.path
 
     def commit_and_swap(self, candidate: StateFiles, tasks: list[dict[str, Any]], *, expected_version: int
                         ) -> tuple[str, int]:
@@ -157,9 +159,9 @@ class Agent:
         files = candidate.with_meta({"tasks": tasks, "version": version, "fingerprints": self.fingerprints,
                                      "tap_dims": self.dims})
         served = served_from(files, version, self.serve_cfg.side_threads)  # a broken export fails here, not live
-        name = self._commit(files)
+        name, path = self._commit(files)
         with self._lock:
-            self.files, self.tasks, self.version = files, tasks, version
+            self.files, self.tasks, self.version, self.checkpoint_path = files, tasks, version, path
             self.server.served = served  # the atomic swap
         return name, version
 
@@ -201,7 +203,7 @@ class Agent:
             "persisted": self.persisted,
             "predictions": srv["predictions"],
             "latency_ms": srv["latency_ms"],
-            "serving": {"stage_p50_ms": srv["stage_p50_ms"], "streams": {"audio": self.audio.stats(),
+            "serving": {"stage_p50_ms": srv["stage_p50_ms"], "stage_p99_ms": srv["stage_p99_ms"], "streams": {"audio": self.audio.stats(),
                                                                           "imu": self.imu.stats()}},
             "sensors": health,
             "stale": [m for m, h in health.items() if not h["healthy"]],
@@ -223,7 +225,7 @@ class Agent:
         except NoCheckpointError as exc:
             raise CommandError("no_checkpoint", str(exc)) from None
         assert res.files is not None
-        self._adopt(res.files, res.meta, res.name)
+        self._adopt(res.files, res.meta, res.name, res.path)
         self.persisted = True
         return {"checkpoint": res.name, "model_version": self.version, "tasks": [t["name"] for t in self.tasks]}
 
@@ -231,7 +233,10 @@ class Agent:
         files, _, version = self.snapshot()
         if files is None:
             raise CommandError("no_model", "nothing learned yet: there is no model to save")
-        return {"checkpoint": self._commit(files), "model_version": version}
+        name, path = self._commit(files)
+        if path is not None:
+            self.checkpoint_path = path
+        return {"checkpoint": name, "model_version": version}
 
     def heldout(self) -> dict[str, Any]:
         """Accuracy of the served model per task on the held-out reservoir (never trained on)."""

@@ -86,7 +86,10 @@ class Server:
         self.served = Served()
         self.capture: Capture | None = None
         self.latency_ms: deque[float] = deque(maxlen=2000)
-        self.stage_ms: dict[str, deque[float]] = {k: deque(maxlen=2000) for k in ("image", "side", "total")}
+        # per prediction: camera stamp -> received by the intake (sensor, wire, decode), received ->
+        # serving started, image backbone, the rest before publishing, the whole serving call
+        self.stage_ms: dict[str, deque[float]] = {k: deque(maxlen=2000)
+                                                  for k in ("transport", "wait", "image", "side", "total")}
         self.predictions = 0
         self.errors: dict[str, int] = {}
         self._zeros = {m: [np.zeros((1, d), np.float32) for d in ds] for m, ds in dims.items()}
@@ -136,6 +139,10 @@ class Server:
 
     def _serve(self, frame: Any) -> None:
         t0 = time.perf_counter()
+        if frame is not None and frame.rx_ns:
+            start = time.time_ns()
+            self.stage_ms["transport"].append((frame.rx_ns - frame.stamp_ns) / 1e6)
+            self.stage_ms["wait"].append((start - frame.rx_ns) / 1e6)
         taps: dict[str, list[np.ndarray]] = {}
         present = np.zeros(len(MODALITIES), bool)
         ends: dict[str, int | None] = dict.fromkeys(MODALITIES)
@@ -212,7 +219,8 @@ class Server:
     def stats(self) -> dict[str, Any]:
         lat = np.asarray(self.latency_ms) if self.latency_ms else np.zeros(0)
         stages = {k: round(float(np.percentile(v, 50)), 3) if v else None for k, v in self.stage_ms.items()}
+        tails = {k: round(float(np.percentile(v, 99)), 3) if v else None for k, v in self.stage_ms.items()}
         return {"predictions": self.predictions,
                 "latency_ms": {"p50": float(np.percentile(lat, 50)) if lat.size else None,
                                "p99": float(np.percentile(lat, 99)) if lat.size else None, "n": int(lat.size)},
-                "stage_p50_ms": stages, "errors": dict(self.errors)}
+                "stage_p50_ms": stages, "stage_p99_ms": tails, "errors": dict(self.errors)}

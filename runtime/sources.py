@@ -57,8 +57,10 @@ def dataset_samples(labels: list[str], split: str, *, per_class: int, seed: int 
         imgs = np.flatnonzero(fm[f"y_{split}"] == c)
         clips = np.flatnonzero(sp["y"] == c)
         motions = np.flatnonzero(bm[f"y_{split}"] == c % 4)
-        for _ in range(per_class):
-            img = camera_frame(fm[f"x_{split}"][rng.choice(imgs)], IMAGE_SIZE)
+        # distinct images (a holdout must not repeat a training image); clips and motions are fewer
+        picks = rng.choice(imgs, per_class, replace=per_class > len(imgs))
+        for pick in picks:
+            img = camera_frame(fm[f"x_{split}"][pick], IMAGE_SIZE)
             audio = sp["audio"][rng.choice(clips)].astype(np.float32) / 32768.0
             imu = bm[f"x_{split}"][rng.choice(motions)].astype(np.float32)  # (6, 100): acc xyz, gyro xyz
             samples.append(Sample(stamp_ns=0, image=img, audio=audio, imu=np.ascontiguousarray(imu)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,10 @@ class AudioTapStream(_TapStream):
         super().__init__(queue_size)
         self.extractor = extractor  # export.incremental.IncrementalAudioExtractor
         self.max_gap_ns = int(max_gap_s * 1e9)
-        self._t0 = 0  # stamp of the first sample since the extractor's last reset
+        # (index of its first sample since the extractor's last reset, stamp) of the recent chunks: the
+        # end stamp is taken from the chunk holding the last covered sample, so that a lost chunk shorter
+        # than max_gap_s or a microphone clock off its nominal rate does not shift every later stamp
+        self._chunks: deque[tuple[int, int]] = deque()
         self._next = None  # expected stamp of the next chunk
 
     def put(self, msg: Audio) -> None:
@@ -137,14 +141,20 @@ class AudioTapStream(_TapStream):
                 self._counts["resets"] += 1
                 self._latest = None
             self.extractor.reset()
-            self._t0 = stamp
+            self._chunks.clear()
         self._next = stamp + n_ns
-        if not self.extractor.push(pcm):
+        self._chunks.append((self.extractor.samples_seen, stamp))
+        new_windows = self.extractor.push(pcm)
+        last = self.extractor.covered_samples - 1  # index of the newest sample the taps cover
+        while len(self._chunks) > 1 and self._chunks[1][0] <= last:
+            self._chunks.popleft()
+        if not new_windows:
             return None
         taps = self.extractor.taps()
         if taps is None:
             return None
-        end = self._t0 + round((self.extractor.covered_samples - 1) * 1e9 / AUDIO_RATE)
+        first, chunk_stamp = self._chunks[0]
+        end = chunk_stamp + round((last - first) * 1e9 / AUDIO_RATE)
         return StreamTaps(levels=list(taps.values.values()), end_stamp_ns=end)
 
 
@@ -171,8 +181,10 @@ class ImuTapStream(_TapStream):
             except queue.Empty:
                 break
         end = self.window.last_stamp_ns
-        x = self.window.latest()
-        if x is None or end is None:
+        if end is None:
+            return None
+        x = self.window.latest(end)  # rows up to `end`: a batch pushed meanwhile is not claimed as older
+        if x is None:
             return None
         taps = self.backend.extract(np.ascontiguousarray(x.T)[None])
         return StreamTaps(levels=list(taps.values.values()), end_stamp_ns=end)

@@ -9,8 +9,9 @@ worker that dies (SIGKILL, out of memory, a bug) is a failed job, and the servin
 the checkpoints are untouched, because only the agent commits and swaps. It also dies with the
 agent (``PR_SET_PDEATHSIG`` and end-of-file on the socket), so no orphan keeps training.
 
-Job directory: ``job.json`` (the spec), ``base/`` (the serving state, ``StateFiles`` layout;
-absent on a fresh robot), ``task.npz`` (taps of live or taught samples), ``candidate/`` (the
+Job directory: ``job.json`` (the spec), ``base/`` (the serving state, ``StateFiles`` layout,
+when it is not committed; else ``base_dir`` in the spec names its checkpoint; neither on a fresh
+robot), ``task.npz`` (taps of live or taught samples), ``candidate/`` (the
 worker's result). Messages worker -> agent: ``("progress", fraction | None, phase)``,
 ``("result", report)``, ``("error", code, message)``, ``("cancelled",)``; agent -> worker:
 ``("go",)`` once the task's samples are in place, ``("cancel",)``.
@@ -88,6 +89,19 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
+def _lower_priority(nice: int, idle: bool) -> None:
+    """Serving first: SCHED_IDLE (a waking serving thread preempts the worker at once) where the
+    kernel allows it, else a nice level (the kernel still favours serving, with wake-up delays)."""
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    if idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            log.warning("SCHED_IDLE not permitted (%s); running at nice %d", exc, nice)
+
+
 def read_task(path: Path) -> Any:
     from runtime.training_job import TaskSamples
 
@@ -138,7 +152,8 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     from training.config import LearnerConfig
 
     spec = json.loads((job / "job.json").read_text())
-    base = StateFiles.read_dir(job / "base") if (job / "base").is_dir() else None
+    base_dir = Path(spec["base_dir"]) if spec.get("base_dir") else job / "base"
+    base = StateFiles.read_dir(base_dir) if base_dir.is_dir() else None
     tap_dims = {m: [int(d) for d in ds] for m, ds in spec["tap_dims"].items()}
     if spec["kind"] == "evaluate":
         link.wait_go()
@@ -168,12 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", type=Path, required=True, help="job directory written by the agent")
     ap.add_argument("--fd", type=int, required=True, help="file descriptor of the job channel")
     ap.add_argument("--nice", type=int, default=10)
+    ap.add_argument("--idle-sched", action="store_true", help="Linux SCHED_IDLE: run only on otherwise idle cores")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     _die_with_parent()
-    if args.nice > 0:
-        with contextlib.suppress(OSError):
-            os.nice(args.nice)
+    _lower_priority(args.nice, args.idle_sched)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s: %(message)s")
     link = Link(Connection(args.fd))
     from runtime.errors import CommandError

@@ -129,6 +129,29 @@ def _kill_and_verify(chain: KillChain, point: str) -> None:
     assert not list(state.glob(".tmp-ckpt-*"))  # the half-written temp dir is cleaned, never loaded
 
 
+def test_taught_samples_survive_a_sigkill_and_teach_a_task_after_restart(rel_root, sensors, baseline):
+    setup = agent_setup(rel_root, sensors, baseline["v1"], "taught")
+    agent = Agent(setup, tag="taught-agent")
+    try:
+        agent.wait_ready(90)
+        snap = agent.wait_job(agent.client.request("teach", {"label": "mug", "seconds": 1.5})["job"], 30)
+        n = snap["result"]["samples"]
+        assert snap["state"] == "done" and n >= 10, snap
+        agent.kill()  # the power cut, right after teaching
+        agent = Agent(setup, tag="taught-agent-2")
+        st = agent.wait_ready(90)
+        assert st["taught"] == {"mug": n} and st["taught_store"]["load_skipped"] == [], st
+        m = agent.wait_job(agent.client.request("teach", {"label": "cup", "seconds": 1.5})["job"], 30)["result"]["samples"]
+        snap = agent.wait_job(agent.client.request("learn-new-task", {"name": "cups", "labels": ["mug", "cup"],
+                                                                      "source": "taught"})["job"], 180)
+        assert snap["state"] == "done", snap
+        res = snap["result"]
+        assert res["samples"] == {"mug": n, "cup": m} and res["split"] == {"mug": "time-block", "cup": "time-block"}
+        assert agent.status()["taught"] == ({} if res["accepted"] else {"mug": n, "cup": m})
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize("damage", ["truncate_model", "flip_buffer_byte", "garbage_manifest"])
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(rel_root, sensors, baseline, damage):
     setup = agent_setup(rel_root, sensors, baseline["v2"], f"corrupt-{damage}")
