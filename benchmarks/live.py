@@ -3,19 +3,21 @@
 Usage::
 
     python -m benchmarks.live                  # 5 tasks x 2 labels x 8 s of teaching
-    python -m benchmarks.live --tasks 3 --score-s 20 --final-s 30   # shorter
+    python -m benchmarks.live --tasks 3 --reps 1 --final-reps 2   # shorter
 
 As real processes on loopback: the demo publishers (camera 30 Hz, mic, IMU, ground truth; the
 classes follow each other every ``dwell_s``, like objects passing in front of the robot) and the
 agent (``python -m runtime.agent``, fresh state, nothing learned). A scripted operator in this
-process (``runtime.scripted``), for each task: holds each of its two classes in front of the
-robot (the publishers' scene control) and ``teach``-es it for ``teach_s`` of live samples, sends
-``learn-new-task --source taught``, waits for the swap, then lets the schedule run for
-``score_s`` and scores the live predictions on every class learned so far against the
-ground truth, leaving out the first ``settle_s`` after each class change. Taught instances
-and scored instances come from disjoint halves of the test split (``scene_share``). After the
-last task it scores ``final_s`` more and asks for the held-out accuracy (``evaluate heldout``:
-the reservoir of time-block holdouts, never trained on).
+process (``runtime.scripted``), for each task: sends ``learn-new-task --source live:TEACH_S``
+and, each time the agent says "show 'LABEL' now", holds that class in front of the robot (the
+publishers' scene control) for the capture; waits for the swap, then shows a shuffled sequence of
+classes, ``dwell_s`` each (every learned class ``reps`` times, and as many classes it has not
+learned yet, to see what the open set says about them) and scores the live predictions on the
+learned classes against the ground truth, leaving out the first ``settle_s`` after each class
+change. Taught instances and scored instances come from disjoint halves of the test split
+(``scene_share``: other images, other voices, other motion recordings). After the last task it
+shows every class ``final_reps`` times and asks for the held-out accuracy (``evaluate
+heldout``: the reservoir of time-block holdouts, never trained on).
 
 Prints one JSON line (and writes ``benchmarks/results/live.json`` and ``live.png``):
 ``final_live_accuracy`` (raw label; ``..._smoothed`` counts "unknown" as wrong),
@@ -40,7 +42,7 @@ import zmq
 
 from benchmarks.harness import REPO, Agent, AgentSetup, free_port, make_keys, proc_rss_mb, start_publisher
 from benchmarks.pipeline import pct
-from runtime.scripted import LiveMonitor, class_ids, teach_shown, wait_job
+from runtime.scripted import LiveMonitor, class_ids, learn_live, wait_job
 from sensors.datasets.scene_control import SceneClient
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,15 +72,29 @@ class RssSampler:
         self._thread.join(2.0)
 
 
-def run(*, tasks: int, teach_s: float, score_s: float, final_s: float, dwell_s: float, settle_s: float,
-        seed: int) -> dict[str, Any]:
+def show_sequence(scene: SceneClient, learned: list[int], *, reps: int, dwell_s: float, rng: np.random.Generator
+                  ) -> list[int]:
+    """Show each learned class ``reps`` times and as many not-learned ones, shuffled, from the
+    schedule's pool (never a teaching sample); returns the sequence shown."""
+    others = [c for c in range(10) if c not in learned]
+    seq = list(learned) * reps + list(rng.permutation(others)[: len(learned)])
+    seq = [int(c) for c in rng.permutation(seq)]
+    for c in seq:
+        scene.show(c, dwell_s, pool="base")
+        time.sleep(dwell_s)
+    return seq
+
+
+def run(*, tasks: int, teach_s: float, reps: int, final_reps: int, dwell_s: float, settle_s: float,
+        seed: int, learner: dict[str, Any] | None = None, serve: dict[str, Any] | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="continua-live-"))
     kdir = make_keys(root)
     sensors, scene_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     pub = start_publisher(root, "all", sensors, classes=tuple(range(10)), truth=True, dwell_s=dwell_s, seed=seed,
                           scene_endpoint=scene_ep, scene_share=0.5, order="cycle")
     setup = AgentSetup(root=root, kdir=kdir, sensors=[sensors], state=root / "state",
-                       agent={"min_new_task_acc": 0.5, "max_old_task_drop": 0.15})
+                       agent={"min_new_task_acc": 0.5, "max_old_task_drop": 0.15}, learner=dict(learner or {}),
+                       serve=dict(serve or {}))
     agent = Agent(setup, tag="agent")
     ctx = zmq.Context()
     monitor = LiveMonitor(setup.pred_ep, sensors, ctx)
@@ -90,35 +106,34 @@ def run(*, tasks: int, teach_s: float, score_s: float, final_s: float, dwell_s: 
     idle_lat: list[float] = []
     learn_lat: list[float] = []
     scene = SceneClient(scene_ep, timeout_s=5.0)
+    rng = np.random.default_rng(seed)
     try:
         agent.wait_ready(300, predictions=False)
         for i, labels in enumerate(PAIRS[:tasks]):
-            teach = {lab: teach_shown(agent.client, scene, lab, class_of[lab], teach_s, settle_s=settle_s)
-                     for lab in labels}
-            scene.resume()
-            t_capture_end = time.monotonic()
             mark = monitor.mark()
-            job = agent.client.request("learn-new-task", {"name": f"task{i}", "labels": labels, "source": "taught"})["job"]
-            snap = _follow(agent, job, rss)
+            snap = learn_live(agent.client, scene, f"task{i}", labels=labels, class_of=class_of, seconds=teach_s,
+                              on_poll=lambda s: setattr(rss, "worker_pid", (s.get("meta") or {}).get("worker_pid")))
+            rss.worker_pid = None
             learn_lat += monitor.latencies(mark)
             res = snap.get("result") or {}
-            t_swap = time.monotonic()
             per_task.append({"task": f"task{i}", "labels": labels, "state": snap.get("state"), "error": snap.get("error"),
-                             "taught": {k: v.get("samples") for k, v in teach.items()},
-                             "accepted": res.get("accepted"), "reason": res.get("reason"),
-                             "learn_to_swap_s": res.get("seconds"),
-                             "capture_to_swap_s": round(t_swap - t_capture_end, 2) if res.get("accepted") else None,
+                             "samples": res.get("samples"), "accepted": res.get("accepted"), "reason": res.get("reason"),
+                             "learn_to_swap_s": res.get("seconds"), "capture_to_swap_s": res.get("capture_to_swap_s"),
                              "new_task_acc": res.get("new_task_acc"), "old_acc_before": res.get("old_acc_before"),
                              "old_acc_after": res.get("old_acc_after"), "split": res.get("split"),
                              "train_samples": res.get("train_samples"), "holdout_samples": res.get("holdout_samples"),
-                             "holdout_known_rate": res.get("holdout_known_rate"), "train_seconds": res.get("train_seconds")})
+                             "holdout_known_rate": res.get("holdout_known_rate"), "train_seconds": res.get("train_seconds"),
+                             "worker_seconds": res.get("worker_seconds"), "startup_s": res.get("startup_s"),
+                             "timings_s": res.get("timings_s")})
             if res.get("accepted"):
                 learned += labels
             print(f"task{i} {labels}: {per_task[-1]}", flush=True)
             mark = monitor.mark()
-            time.sleep(score_s if i < tasks - 1 else final_s)
+            seq = show_sequence(scene, [class_of[x] for x in learned], reps=reps if i < tasks - 1 else final_reps,
+                                dwell_s=dwell_s, rng=rng)
             ph = monitor.score(mark, None, learned, class_of, settle_s=settle_s) | {"after": f"task{i}",
-                                                                                     "learned": list(learned)}
+                                                                                     "learned": list(learned),
+                                                                                     "shown": seq}
             idle_lat += monitor.latencies(mark)
             phases.append(ph)
             print(f"live after task{i}: {ph}", flush=True)
@@ -136,7 +151,7 @@ def run(*, tasks: int, teach_s: float, score_s: float, final_s: float, dwell_s: 
         pub.stop()
     final = phases[-1] if phases else {}
     res = {
-        "tasks": tasks, "teach_s_per_label": teach_s, "score_s": score_s, "final_s": final_s, "dwell_s": dwell_s,
+        "tasks": tasks, "teach_s_per_label": teach_s, "reps": reps, "final_reps": final_reps, "dwell_s": dwell_s,
         "settle_s": settle_s,
         "final_live_accuracy": final.get("live_accuracy"),
         "final_live_accuracy_smoothed": final.get("live_accuracy_smoothed"),
@@ -165,18 +180,6 @@ def run(*, tasks: int, teach_s: float, score_s: float, final_s: float, dwell_s: 
     }
     _plot(res)
     return res
-
-
-def _follow(agent: Agent, job: str, rss: RssSampler, timeout_s: float = 300.0) -> dict[str, Any]:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        snap = agent.client.request("job", {"id": job})
-        rss.worker_pid = (snap.get("meta") or {}).get("worker_pid")
-        if snap["state"] != "running":
-            rss.worker_pid = None
-            return snap
-        time.sleep(0.1)
-    raise TimeoutError(f"learn job {job} still running after {timeout_s} s")
 
 
 def _plot(res: dict[str, Any]) -> None:
@@ -209,15 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.live", description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=5, choices=range(1, 6))
     ap.add_argument("--teach-s", type=float, default=8.0, help="seconds of live teaching per label")
-    ap.add_argument("--score-s", type=float, default=30.0, help="seconds scored after each task")
-    ap.add_argument("--final-s", type=float, default=60.0, help="seconds scored after the last task")
+    ap.add_argument("--reps", type=int, default=2, help="times each learned class is shown after each task")
+    ap.add_argument("--final-reps", type=int, default=3, help="times each class is shown after the last task")
     ap.add_argument("--dwell-s", type=float, default=3.0, help="seconds each class stays in view while scoring")
     ap.add_argument("--settle-s", type=float, default=1.0, help="left out of scoring after each class change")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--learner", default="{}", help='JSON of [learner] settings, e.g. \'{"epochs": 4}\'')
+    ap.add_argument("--serve", default="{}", help='JSON of [serve] settings, e.g. \'{"image_threads": 1}\'')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    res = run(tasks=args.tasks, teach_s=args.teach_s, score_s=args.score_s, final_s=args.final_s,
-              dwell_s=args.dwell_s, settle_s=args.settle_s, seed=args.seed)
+    res = run(tasks=args.tasks, teach_s=args.teach_s, reps=args.reps, final_reps=args.final_reps,
+              dwell_s=args.dwell_s, settle_s=args.settle_s, seed=args.seed, learner=json.loads(args.learner),
+              serve=json.loads(args.serve))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "live.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

@@ -87,9 +87,11 @@ class ServeConfig:
     open_set: bool = True  # a sample far from every learned class (tap space) is unknown
     open_set_quantile: float = 0.99  # open-set thresholds: this quantile of held-out distances ...
     open_set_margin: float = 1.25  # ... times this margin
+    open_set_rule: str = "mean"  # modalities combine by the "mean" (or "max") of distance / threshold
     camera_topic: str = "camera"
     mic_topic: str = "mic"
     imu_topic: str = "imu"
+    capture_lead_s: float = 1.0  # live source: "show LABEL now", then this long before its capture starts
     holdout: float = 0.2  # share of a new task's samples (time span for live ones) kept for the gate
     holdout_guard_s: float = 1.0  # live samples this close before the holdout block are not used
     dataset_per_class: int = 60  # samples per class for a dataset:SPLIT source
@@ -117,6 +119,10 @@ class ServeConfig:
         for name in ("abstain_below", "unknown_share", "open_set_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.open_set_rule not in ("mean", "max"):
+            raise ValueError(f"open_set_rule={self.open_set_rule!r} must be 'mean' or 'max'")
+        if not 0 <= self.capture_lead_s <= 60:
+            raise ValueError(f"capture_lead_s={self.capture_lead_s!r} must be in [0, 60]")
         if self.holdout_guard_s < 0:
             raise ValueError(f"holdout_guard_s={self.holdout_guard_s!r} must be >= 0")
         if not 0 <= self.job_nice <= 19:

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -131,6 +132,15 @@ def capture_live(server: Any, label: str, seconds: float, handle: JobHandle | No
     return cap
 
 
+def _lead(handle: JobHandle, label: str, lead_s: float) -> None:
+    """Tell the operator what to show, and give them ``lead_s`` to show it before the capture."""
+    end = time.monotonic() + lead_s
+    while (left := end - time.monotonic()) > 0:
+        handle.check_cancelled()
+        handle.update(phase=f"show {label!r} now: capturing in {left:.1f} s")
+        time.sleep(min(0.1, left))
+
+
 class Learning:
     """The learn-new-task and evaluate jobs of one agent (``runtime.service.Agent``)."""
 
@@ -159,6 +169,7 @@ class Learning:
     # ---- job plumbing
     def _job_dir(self, base: StateFiles | None, spec: dict[str, Any]) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        spec["spawned_s"] = time.time()
         job = Path(tempfile.mkdtemp(prefix=f"continua-job-{os.getpid()}-", dir=self.work_dir))
         on_disk = self.agent.checkpoint_path  # the serving state as committed, when it is
         if base is not None and on_disk is not None and on_disk.is_dir():
@@ -220,7 +231,7 @@ class Learning:
             raise
         finally:
             self.worker_pid = None
-        worker.close()
+        threading.Thread(target=worker.close, name="reap-worker", daemon=True).start()  # not on the swap's path
         return report, job
 
     # ---- jobs
@@ -244,6 +255,7 @@ class Learning:
                           settings={"holdout": s.holdout, "holdout_guard_s": s.holdout_guard_s,
                                     "reservoir_size": s.reservoir_size, "reservoir_bytes": s.reservoir_bytes,
                                     "open_set_quantile": s.open_set_quantile, "open_set_margin": s.open_set_margin,
+                                    "open_set_rule": s.open_set_rule,
                                     "seed": a.cfg.seed, "serving_threads": s.side_threads})
         spec["seed"] = a.cfg.seed + len(tasks)
         capture_s: list[float] = []
@@ -252,6 +264,7 @@ class Learning:
             if source["kind"] == "live":
                 for i, lab in enumerate(labels):
                     handle.update(progress=0.02 + 0.28 * i / len(labels))
+                    _lead(handle, lab, a.serve_cfg.capture_lead_s)
                     cap = capture_live(a.server, lab, float(source["seconds"]), handle)
                     if len(cap):
                         a.taught.add(lab, *cap.arrays())

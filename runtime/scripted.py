@@ -64,6 +64,30 @@ def teach_shown(client: Any, scene: Any, label: str, class_id: int, seconds: flo
     return snap["result"]
 
 
+def learn_live(client: Any, scene: Any, name: str, *, labels: list[str], class_of: dict[str, int], seconds: float,
+               timeout_s: float = 300.0, on_poll: Any = None) -> dict[str, Any]:
+    """``learn-new-task --source live:SECONDS``, showing each label when the agent asks for it
+    (its job phase says "show 'LABEL' now"); returns the final job snapshot."""
+    job = client.request("learn-new-task", {"name": name, "labels": labels, "source": f"live:{seconds:g}"})["job"]
+    shown: set[str] = set()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        snap = client.request("job", {"id": job})
+        if on_poll is not None:
+            on_poll(snap)
+        phase = str(snap.get("phase", ""))
+        for lab in labels:
+            if lab not in shown and phase.startswith(f"show {lab!r} now"):
+                scene.show(class_of[lab], seconds + 3.0)  # the lead, the capture, a margin
+                shown.add(lab)
+        if snap.get("state") != "running":
+            scene.resume()
+            return snap
+        time.sleep(0.05)
+    client.request("cancel")
+    raise TimeoutError(f"learn-new-task {name} did not finish within {timeout_s} s")
+
+
 class LiveMonitor:
     """Predictions (with receive time) and ground truth, collected in the background."""
 
@@ -141,11 +165,19 @@ class LiveMonitor:
         def mean(xs: list[bool]) -> float | None:
             return round(float(np.mean(xs)), 4) if xs else None
 
+        name_of = {i: n for n, i in class_of.items()}
+        wrong: dict[str, int] = {}
+        for truth, pred, _, _ in known:
+            if pred != truth:
+                key = f"{name_of.get(truth, truth)}->{name_of.get(pred, pred)}"
+                wrong[key] = wrong.get(key, 0) + 1
+
         return {"predictions": len(preds), "scored": len(known),
                 "live_accuracy": mean([r[1] == r[0] for r in known]),
                 "live_accuracy_smoothed": mean([class_of.get(r[2] or "", -2) == r[0] for r in known]),
                 "unknown_rate_learned": mean([r[2] == "unknown" for r in known]),
                 "unknown_rate_not_learned": mean([r[2] == "unknown" for r in novel]), "not_learned_scored": len(novel),
+                "errors": dict(sorted(wrong.items(), key=lambda kv: -kv[1])[:6]),
                 "latency_p50_ms": round(float(np.percentile(lat, 50)), 3) if lat else None,
                 "latency_p99_ms": round(float(np.percentile(lat, 99)), 3) if lat else None}
 

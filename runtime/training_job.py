@@ -61,6 +61,7 @@ class LearnSettings:
     reservoir_bytes: int = 8 << 20
     open_set_quantile: float = 0.99
     open_set_margin: float = 1.25
+    open_set_rule: str = "mean"
     seed: int = 0
     serving_threads: int = 1
 
@@ -109,16 +110,36 @@ def per_task_accuracy(learner: Any, res: ReplayBuffer | None, tasks: list[dict[s
             for t in tasks]
 
 
-def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: list[str], tasks: list[dict[str, Any]],
-          tap_dims: dict[str, list[int]], config: LearnerConfig, settings: LearnSettings,
+def warm_up() -> None:
+    """Pay the exporter's first-call cost (TorchScript and ONNX initialisation, ~1.5 s) while the
+    operator is still capturing, not between the end of the capture and the swap."""
+    import io
+    import warnings
+
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(2, 4),), io.BytesIO(), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})
+
+
+def learn(state: tuple[Any, ReplayBuffer | None], samples: TaskSamples, *, name: str, labels: list[str],
+          tasks: list[dict[str, Any]], tap_dims: dict[str, list[int]], settings: LearnSettings,
           progress: Callable[[float | None, str], None], cancel: Any) -> Candidate:
-    """See the module docstring. ``tasks``: the learned tasks (names, labels) before this one."""
+    """See the module docstring. ``state``: ``load_state``'s (learner, reservoir), loaded before the
+    samples arrive; ``tasks``: the learned tasks (names, labels) before this one."""
     from runtime.serving_model import ServingModel
     from training.learner import LabelledSamples
     from training.onnx_export import export_predictor, predictor_parity
     from training.openset import OpenSet
 
     t0 = time.perf_counter()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = round(time.perf_counter() - t0 - sum(marks.values()), 3)
+
     names = np.asarray(samples.names)
     counts = {lab: int((names == lab).sum()) for lab in labels}
     if min(counts.values()) < settings.min_per_label:
@@ -128,15 +149,17 @@ def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: l
     train, held = samples.subset(split.train), samples.subset(split.holdout)
     progress(0.32, f"split: {int(split.train.sum())} train, {int(split.holdout.sum())} held out, "
                    f"{int(split.dropped.sum())} guard ({', '.join(sorted(set(split.how.values())))})")
-    learner, reservoir = load_state(base, tap_dims, config)
+    learner, reservoir = state
     old = _reservoir_data(reservoir)
     before_old = _accuracy(learner, old)
+    mark("load")
 
     def on_step(step: int, total: int) -> None:
         progress(0.35 + 0.45 * step / max(total, 1), f"training step {step}/{total}")
 
     report = learner.learn_task(LabelledSamples(taps=train.taps, present=train.present, names=train.names),
                                 progress=on_step, cancel=cancel)
+    mark("train")
     progress(0.82, "gate figures")
     held_ls = LabelledSamples(taps=held.taps, present=held.present, names=held.names)
     new_acc = float(learner.evaluate(held_ls))
@@ -148,13 +171,16 @@ def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: l
     reservoir.add_batch(held.taps, held.present, ids, task=len(tasks), stamps=held.stamps)
     all_tasks = [*tasks, {"name": name, "labels": labels}]
     row = per_task_accuracy(learner, reservoir, all_tasks)
+    mark("gate")
     progress(0.86, "open-set calibration")
     rb = learner.buffer.all()
     openset = OpenSet.fit(rb.taps, rb.present, rb.labels, num_classes=len(learner.class_names),
                           modalities=list(tap_dims))
+    openset.rule = settings.open_set_rule
     rall = reservoir.all()
     openset.calibrate(rall.taps, rall.present, rall.labels, quantile=settings.open_set_quantile,
                       margin=settings.open_set_margin)
+    mark("openset")
     progress(0.9, "exporting the serving model (ONNX)")
     onnx_bytes = export_predictor(learner)
     check = held.present[: min(32, len(held.names))]
@@ -165,8 +191,10 @@ def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: l
     serving = ServingModel(onnx_bytes, class_names=list(learner.class_names), tap_dims=tap_dims,
                            threads=settings.serving_threads).to_entry()
     serving["openset"] = openset.state_dict()
+    mark("export")
     files = StateFiles.encode({"learner": learner.state_dict(), "buffer": learner.buffer.state_dict(),
                                "reservoir": reservoir.state_dict(), "serving": serving})
+    mark("encode")
     novelty = openset.score(held.taps, held.present)
     out = {"samples": counts, "train_samples": int(split.train.sum()), "holdout_samples": int(split.holdout.sum()),
            "guard_samples": int(split.dropped.sum()), "split": split.how, "new_task_acc": round(new_acc, 4),
@@ -176,7 +204,7 @@ def learn(base: StateFiles | None, samples: TaskSamples, *, name: str, labels: l
            "holdout_known_rate": round(float(np.mean(novelty <= 1.0)), 4) if len(novelty) else None,
            "onnx_parity": float(gap), "train_seconds": round(report.seconds, 2), "steps": report.steps,
            "stopped": report.stopped, "classes": list(learner.class_names),
-           "worker_seconds": round(time.perf_counter() - t0, 2)}
+           "worker_seconds": round(time.perf_counter() - t0, 2), "timings_s": marks}
     return Candidate(files=files, report=out)
 
 

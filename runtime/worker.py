@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -162,6 +163,10 @@ def run(job: Path, link: Link) -> dict[str, Any]:
             raise ValueError("nothing learned yet: no model to evaluate")
         return {"tasks": tj.evaluate(base, samples, spec["tasks"], threads=int(spec["threads"]))}
     config = from_dict(LearnerConfig, spec["learner"])
+    # everything that does not need the samples happens now, while the operator may still capture
+    state = tj.load_state(base, tap_dims, config)
+    tj.warm_up()
+    t_ready = time.time()
     link.progress(0.02, "worker ready: waiting for the task's samples")
     link.wait_go()
     if spec["source"]["kind"] in ("live", "taught"):
@@ -169,12 +174,14 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     else:
         samples = _source_samples(spec, link)
     settings = from_dict(tj.LearnSettings, spec["settings"])
-    cand = tj.learn(base, samples, name=spec["name"], labels=spec["labels"], tasks=spec["tasks"], tap_dims=tap_dims,
-                    config=config, settings=settings, progress=link.progress, cancel=link.cancel)
+    link.progress(None, f"samples ready ({time.time() - spec.get('spawned_s', time.time()):.1f} s after the spawn)")
+    cand = tj.learn(state, samples, name=spec["name"], labels=spec["labels"], tasks=spec["tasks"], tap_dims=tap_dims,
+                    settings=settings, progress=link.progress, cancel=link.cancel)
     out = job / "candidate"
     out.mkdir()
     link.progress(0.95, "writing the candidate")
     cand.files.write_dir(out)
+    cand.report["startup_s"] = round(t_ready - spec["spawned_s"], 2) if spec.get("spawned_s") else None
     return cand.report
 
 
@@ -208,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     link.send("result", report)
-    return EXIT_OK
+    logging.shutdown()
+    # Everything is written and fsynced: skip the interpreter's teardown (torch takes seconds to
+    # unload), so the agent is not kept waiting to reap this process.
+    os._exit(EXIT_OK)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ import numpy as np
 
 from sensors.config import ConfigError, format_config, load_config
 from sensors.datasets.content import IMU_RATE, MIC_RATE, DatasetContent, camera_frame
-from sensors.datasets.scene import MAX_SHOW_S, ClassSchedule
+from sensors.datasets.scene import BASE, MAX_SHOW_S, SCENE, ClassSchedule
 from sensors.datasets.scene_control import SceneError, SceneServer
 from sensors.wire import Audio, Image, Imu
 
@@ -198,8 +198,10 @@ class DatasetStreamer(DatasetContent):
             raise SceneError("the streamer is not streaming (scene control works during run())")
         return time.monotonic_ns() - t0, w0
 
-    def show(self, class_id: Any, seconds: Any) -> dict[str, Any]:
-        """Show ``class_id`` for ``seconds`` from now, then resume the schedule.
+    def show(self, class_id: Any, seconds: Any, pool: Any = SCENE) -> dict[str, Any]:
+        """Show ``class_id`` for ``seconds`` from now, then resume the schedule. ``pool``: "scene"
+        (the samples set aside for teaching, ``scene_share``) or "base" (the schedule's: a scripted
+        test of what was taught).
 
         Returns ``{"ok": True, "start_ns", "end_ns", "class", "name"}`` with stamps in the
         clock of the message stamps; raises :class:`SceneError` for a class without
@@ -214,10 +216,12 @@ class DatasetStreamer(DatasetContent):
             or not 0 < seconds <= MAX_SHOW_S
         ):
             raise SceneError(f"seconds={seconds!r}: expected a number with 0 < seconds <= {MAX_SHOW_S:g}")
+        if pool not in (BASE, SCENE):
+            raise SceneError(f"pool={pool!r}: expected {BASE!r} or {SCENE!r}")
         class_id, seconds = int(class_id), float(seconds)
         now, w0 = self._now()
         try:
-            seg = self.timeline.show(class_id, seconds, now)
+            seg = self.timeline.show(class_id, seconds, now, pool)
         except ValueError as exc:
             raise SceneError(str(exc)) from exc
         log.info("scene: showing class %d (%s) for %.3f s", class_id, self.class_names[class_id], seconds)

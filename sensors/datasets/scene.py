@@ -62,7 +62,7 @@ class Segment:
 
     @property
     def override(self) -> bool:
-        return self.pool == SCENE
+        return self.key[0] == "o"
 
 
 @dataclass(slots=True)
@@ -72,9 +72,10 @@ class _Override:
     class_id: int
     k: int
     planned: int
+    pool: str = SCENE
 
     def segment(self) -> Segment:
-        return Segment(self.start, self.end, self.class_id, ("o", self.k), SCENE, self.start, self.planned)
+        return Segment(self.start, self.end, self.class_id, ("o", self.k), self.pool, self.start, self.planned)
 
 
 class Timeline:
@@ -139,8 +140,11 @@ class Timeline:
         end = p1 if next_start is None else min(p1, next_start)
         return Segment(start, end, self.schedule.class_at(p), ("p", p), BASE, p0, self.dwell_ns)
 
-    def show(self, class_id: int, seconds: float, at_ns: int) -> Segment:
-        """Show ``class_id`` during [at, at + seconds), at = max(``at_ns``, floor); the override."""
+    def show(self, class_id: int, seconds: float, at_ns: int, pool: str = SCENE) -> Segment:
+        """Show ``class_id`` during [at, at + seconds), at = max(``at_ns``, floor); the override.
+        ``pool``: which samples it shows (the scene's, or the schedule's: ``BASE``)."""
+        if pool not in (BASE, SCENE):
+            raise ValueError(f"pool={pool!r}: expected {BASE!r} or {SCENE!r}")
         dur = round(seconds * 1e9) if math.isfinite(seconds) else 0
         if not 0 < dur <= round(MAX_SHOW_S * 1e9):
             raise ValueError(f"seconds={seconds!r}: expected 0 < seconds <= {MAX_SHOW_S:g}")
@@ -151,7 +155,7 @@ class Timeline:
             if len(self._ov) >= self.max_overrides:
                 raise ValueError(f"{len(self._ov)} overrides pending: at most {self.max_overrides}")
             self._cut(a, b)
-            new = _Override(a, b, int(class_id), self._next_k, dur)
+            new = _Override(a, b, int(class_id), self._next_k, dur, pool)
             self._next_k += 1
             i = bisect.bisect_left(self._starts, a)
             self._ov.insert(i, new)

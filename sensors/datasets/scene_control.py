@@ -41,6 +41,7 @@ COMMANDS: dict[str, frozenset[str]] = {
     "resume": frozenset(),
     "status": frozenset(),
 }
+OPTIONAL: dict[str, frozenset[str]] = {"show": frozenset({"pool"})}
 
 
 class SceneError(ValueError):
@@ -50,7 +51,7 @@ class SceneError(ValueError):
 class SceneTarget(Protocol):
     """What a :class:`SceneServer` drives (``DatasetStreamer``); bad arguments raise SceneError."""
 
-    def show(self, class_id: Any, seconds: Any) -> dict[str, Any]: ...
+    def show(self, class_id: Any, seconds: Any, pool: Any = "scene") -> dict[str, Any]: ...
 
     def resume(self) -> dict[str, Any]: ...
 
@@ -71,14 +72,15 @@ def answer(target: SceneTarget, frames: list[bytes]) -> dict[str, Any]:
     if not isinstance(cmd, str) or cmd not in COMMANDS:
         raise SceneError(f"cmd={cmd!r}: expected one of {sorted(COMMANDS)}")
     keys = {k for k in req if k != "cmd"}
-    if keys != COMMANDS[cmd]:
-        unknown = sorted(repr(k) for k in keys - COMMANDS[cmd])
+    optional = OPTIONAL.get(cmd, frozenset())
+    if not COMMANDS[cmd] <= keys <= COMMANDS[cmd] | optional:
+        unknown = sorted(repr(k) for k in keys - COMMANDS[cmd] - optional)
         missing = sorted(COMMANDS[cmd] - keys)
         raise SceneError(
             f"{cmd}: unknown keys {unknown}, missing keys {missing}; expects {sorted(COMMANDS[cmd])}"
         )
     if cmd == "show":
-        return target.show(req["class"], req["seconds"])
+        return target.show(req["class"], req["seconds"], req.get("pool", "scene"))
     return target.resume() if cmd == "resume" else target.status()
 
 
@@ -217,9 +219,10 @@ class SceneClient:
             raise SceneError(f"{msg['cmd']} refused by {self.endpoint}: {reply.get('error')}")
         return reply
 
-    def show(self, class_id: int, seconds: float) -> dict[str, Any]:
-        """Show ``class_id`` for ``seconds`` from now; the reply (``start_ns``, ``end_ns``...)."""
-        return self._checked({"cmd": "show", "class": class_id, "seconds": seconds})
+    def show(self, class_id: int, seconds: float, pool: str = "scene") -> dict[str, Any]:
+        """Show ``class_id`` for ``seconds`` from now; the reply (``start_ns``, ``end_ns``...).
+        ``pool``: "scene" (teaching samples) or "base" (the schedule's samples)."""
+        return self._checked({"cmd": "show", "class": class_id, "seconds": seconds, "pool": pool})
 
     def resume(self) -> dict[str, Any]:
         """Back to the schedule now."""

@@ -295,6 +295,17 @@ def test_scene_share_splits_pools_and_keeps_them_disjoint(
     label, img = s.frame(0, 0)
     assert label == 0 and np.array_equal(img[::8, ::8, 0], s.images[s.sample_index("camera", ov, 0)])
     s.timeline.reset()
+    # a show from the schedule's pool (a scripted test of what was taught) never shows a teaching sample
+    for i in range(20):
+        seg = s.timeline.show(i % 2, 0.5, at_ns=i * S, pool="base")
+        assert seg.override and seg.pool == "base"
+        for m in ("camera", "mic", "imu"):
+            cls = (i % 2) % 4 if m == "imu" else i % 2
+            got = {s.sample_index(m, seg, q) for q in range(3)}
+            assert got <= set(s.pools[m]["base"][cls].tolist()) and not got & set(s.pools[m]["scene"][cls].tolist())
+    with pytest.raises(ValueError, match="pool"):
+        s.timeline.show(0, 0.5, at_ns=21 * S, pool="elsewhere")
+    s.timeline.reset()
 
 
 def test_config_validation_and_show_when_not_streaming(plain: DatasetStreamer) -> None:
@@ -413,7 +424,7 @@ class _Target:
     def __init__(self) -> None:
         self.shown: list[tuple[Any, Any]] = []
 
-    def show(self, class_id: Any, seconds: Any) -> dict[str, Any]:
+    def show(self, class_id: Any, seconds: Any, pool: Any = "scene") -> dict[str, Any]:
         if class_id == 13:
             raise RuntimeError("boom")
         self.shown.append((class_id, seconds))

@@ -174,8 +174,13 @@ def test_score_ratio_max_and_uncalibrated_modalities() -> None:
     s = os_.score(q, qp)
     assert np.array_equal(s[:5], np.zeros(5))  # no modality present
     np.testing.assert_allclose(s[5:10], d[5:10, 1] / t[1], rtol=1e-12)
-    np.testing.assert_allclose(s[10:], np.max(d[10:] / t, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(s[10:], np.mean(d[10:] / t, axis=1), rtol=1e-12)  # default rule: the mean
     assert np.array_equal(os_.is_known(q, qp), s <= 1.0)
+    os_.rule = "max"
+    np.testing.assert_allclose(os_.score(q, qp)[10:], np.max(d[10:] / t, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(os_.score(q, qp)[5:10], d[5:10, 1] / t[1], rtol=1e-12)  # one modality: the same
+    assert OpenSet.from_state_dict(os_.state_dict()).rule == "max"
+    os_.rule = "mean"
     os_.thresholds["audio"] = None  # audio alone no longer counts
     assert np.array_equal(os_.score(q, qp)[5:10], np.zeros(5))
 
@@ -192,7 +197,7 @@ def test_absent_modality_is_ignored(synthetic: dict) -> None:
     np.testing.assert_array_equal(os_.score(garbage, qp), base)
     d = os_.distances(q, qp)
     t = np.array([os_.thresholds[m] for m in DIMS])
-    np.testing.assert_allclose(base, np.max(d[:, [0, 2]] / t[[0, 2]], axis=1), rtol=1e-12)
+    np.testing.assert_allclose(base, np.mean(d[:, [0, 2]] / t[[0, 2]], axis=1), rtol=1e-12)
     assert os_.is_known(q, qp).mean() >= 0.95
 
 
