@@ -33,7 +33,6 @@ import json
 import logging
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import zmq
 
 from benchmarks.harness import REPO, Agent, AgentSetup, free_port, make_keys, proc_rss_mb, start_publisher
 from benchmarks.pipeline import pct
-from runtime.scripted import LiveMonitor, class_ids, learn_live, wait_job
+from runtime.scripted import LiveMonitor, class_ids, learn_live, show_sequence, wait_job
 from sensors.datasets.scene_control import SceneClient
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,19 +69,6 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2.0)
-
-
-def show_sequence(scene: SceneClient, learned: list[int], *, reps: int, dwell_s: float, rng: np.random.Generator
-                  ) -> list[int]:
-    """Show each learned class ``reps`` times and as many not-learned ones, shuffled, from the
-    schedule's pool (never a teaching sample); returns the sequence shown."""
-    others = [c for c in range(10) if c not in learned]
-    seq = list(learned) * reps + list(rng.permutation(others)[: len(learned)])
-    seq = [int(c) for c in rng.permutation(seq)]
-    for c in seq:
-        scene.show(c, dwell_s, pool="base")
-        time.sleep(dwell_s)
-    return seq
 
 
 def run(*, tasks: int, teach_s: float, reps: int, final_reps: int, dwell_s: float, settle_s: float,

@@ -38,7 +38,10 @@ class IntakeConfig:
     imu_topic: str = "imu"
     stale_s: float = 1.0
     rcvhwm: int = 10_000  # messages ZeroMQ may queue ahead of the intake thread: a flood cannot grow memory
-    max_invalid_hz: float = 2000.0  # malformed messages handled per second at most: a flood cannot starve serving
+    # malformed messages handled per second and endpoint at most; beyond it the endpoint is paused and
+    # its queue pushes back on the sender: a flood costs a bounded share of a core and never delays
+    # the other endpoints (real sensors send ~100 valid messages/s)
+    max_invalid_hz: float = 500.0
 
     def __post_init__(self) -> None:
         if self.stale_s <= 0:
@@ -100,12 +103,15 @@ class SensorIntake:
         self._rejected: dict[str, int] = {}  # well-formed on the wire, unusable here (wrong kind, rate...)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._reader: LosslessReader | None = None
+        self._readers: list[_Paced] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SensorIntake:
-        self._reader = LosslessReader(self.cfg.endpoints, list(self._topic_of), context=self._ctx,
-                                      rcvhwm=self.cfg.rcvhwm, max_invalid_hz=self.cfg.max_invalid_hz)
+        # One socket per endpoint, each with its own budget for invalid messages: a sensor (or an
+        # attacker) flooding junk on one endpoint is paused, the others keep flowing. With one
+        # socket for all, camera frames queued behind the junk (p99 +45 ms under 3,000 junk/s).
+        self._readers = [_Paced(LosslessReader(ep, list(self._topic_of), context=self._ctx, rcvhwm=self.cfg.rcvhwm),
+                                self.cfg.max_invalid_hz) for ep in self.cfg.endpoints]
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
         return self
@@ -116,14 +122,36 @@ class SensorIntake:
             self._frame_new.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        if self._reader is not None:
-            self._reader.close()
+        for r in self._readers:
+            r.reader.close()
 
     def _run(self) -> None:
-        assert self._reader is not None
         while not self._stop.is_set():
-            got = self._reader.recv(timeout_ms=100)
+            now = time.monotonic()
+            active = [r for r in self._readers if r.paused_until <= now]
+            wait_ms = 100 if len(active) == len(self._readers) else max(1, int(
+                1000 * (min(r.paused_until for r in self._readers) - now)) + 1)
+            if not active:
+                time.sleep(min(wait_ms, 100) / 1000)
+                continue
+            poller = zmq.Poller()
+            for r in active:
+                poller.register(r.reader.socket, zmq.POLLIN)
+            ready = {sock for sock, _ in poller.poll(min(wait_ms, 100))}
+            for r in active:
+                if r.reader.socket in ready:
+                    self._drain(r)
+
+    def _drain(self, r: _Paced, burst: int = 32) -> None:
+        """Up to ``burst`` messages of one endpoint; stops early when its junk budget is spent."""
+        for _ in range(burst):
+            before = r.reader.invalid_total
+            got = r.reader.recv(timeout_ms=0)
+            if r.spend(r.reader.invalid_total - before):
+                return
             if got is None:
+                if r.reader.invalid_total == before:
+                    return  # nothing queued
                 continue
             topic, msg, rx_ns = got
             modality = self._topic_of.get(topic)
@@ -202,9 +230,38 @@ class SensorIntake:
             }
 
     def reader_stats(self) -> dict:
-        stats = {} if self._reader is None else _plain(self._reader.stats())
+        """Receive counters summed over the endpoints (``paused``: times an endpoint's junk budget ran out)."""
+        stats: dict[str, Any] = {}
+        for r in self._readers:
+            for key, value in _plain(r.reader.stats()).items():
+                into = stats.setdefault(key, {})
+                for k, v in value.items():
+                    into[k] = max(into.get(k, 0), v) if key in ("last_rx_ns", "rate_hz") else into.get(k, 0) + v
         stats["rejected"] = dict(self._rejected)
+        stats["paused"] = sum(r.pauses for r in self._readers)
         return stats
+
+
+class _Paced:
+    """One endpoint's reader and its token bucket for invalid messages (``max_invalid_hz``)."""
+
+    def __init__(self, reader: LosslessReader, rate_hz: float) -> None:
+        self.reader, self.rate = reader, rate_hz
+        self.tokens, self.t = rate_hz / 10, time.monotonic()
+        self.paused_until, self.pauses = 0.0, 0
+
+    def spend(self, invalid: int) -> bool:
+        """Account ``invalid`` new junk messages; True when the endpoint must pause (budget spent)."""
+        if not invalid or not self.rate:
+            return False
+        now = time.monotonic()
+        self.tokens = min(self.rate / 10, self.tokens + (now - self.t) * self.rate) - invalid
+        self.t = now
+        if self.tokens >= 0:
+            return False
+        self.paused_until = now - self.tokens / self.rate
+        self.pauses += 1
+        return True
 
 
 def _to_rgb(msg: Image) -> np.ndarray:

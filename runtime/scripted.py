@@ -88,6 +88,19 @@ def learn_live(client: Any, scene: Any, name: str, *, labels: list[str], class_o
     raise TimeoutError(f"learn-new-task {name} did not finish within {timeout_s} s")
 
 
+def show_sequence(scene: Any, learned: list[int], *, reps: int, dwell_s: float, rng: np.random.Generator
+                  ) -> list[int]:
+    """Show each learned class ``reps`` times and as many not-learned ones, shuffled, from the
+    schedule's pool (never a teaching sample); returns the sequence shown."""
+    others = [c for c in range(10) if c not in learned]
+    seq = list(learned) * reps + list(rng.permutation(others)[: len(learned)])
+    seq = [int(c) for c in rng.permutation(seq)]
+    for c in seq:
+        scene.show(c, dwell_s, pool="base")
+        time.sleep(dwell_s)
+    return seq
+
+
 class LiveMonitor:
     """Predictions (with receive time) and ground truth, collected in the background."""
 

@@ -273,6 +273,7 @@ class _Intake:
         self.tracker = SequenceTracker()
         self.received: dict[str, int] = {}
         self.invalid: dict[str, int] = {}
+        self.invalid_total = 0
         self.last_rx: dict[str, int] = {}
         self.arrivals: dict[str, deque[int]] = {}
 
@@ -286,6 +287,7 @@ class _Intake:
             self.tracker.update(topic, msg.session, msg.seq)
         except WireError as exc:
             self.invalid[exc.reason] = self.invalid.get(exc.reason, 0) + 1
+            self.invalid_total += 1
             log.debug("dropped message: %s", exc)
             return None
         self.received[topic] = self.received.get(topic, 0) + 1
@@ -478,6 +480,18 @@ class LosslessReader:
                 self._throttle(deadline)
             if remaining_ms == 0:  # bounded even under a flood of invalid messages
                 return None
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The SUB socket, for a caller that polls several readers (never receive on it directly)."""
+        if self._sock is None:
+            raise RuntimeError("reader is closed")
+        return self._sock
+
+    @property
+    def invalid_total(self) -> int:
+        """Messages dropped as invalid so far (cheap: no stats snapshot)."""
+        return self._intake.invalid_total
 
     def _throttle(self, deadline: float) -> None:
         now = time.monotonic()

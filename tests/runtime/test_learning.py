@@ -27,11 +27,14 @@ TASK0 = ["t-shirt", "trouser"]
 TASK1 = ["pullover", "dress"]
 
 
-def _port() -> int:
-    s = zmq.Context.instance().socket(zmq.REP)
-    p = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(0)
-    return p
+def _ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound at once, so none is handed out twice)."""
+    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
+    try:
+        return [s.bind_to_random_port("tcp://127.0.0.1") for s in socks]
+    finally:
+        for s in socks:
+            s.close(0)
 
 
 def _wait(client: ControlClient, job: str, timeout_s: float = 180.0, until=None) -> dict:
@@ -70,7 +73,7 @@ def system(tmp_path_factory):
     kdir = root / "keys"
     keys.create("server", kdir)
     keys.create("op", kdir)
-    ports = {k: _port() for k in ("sensors", "pred", "control")}
+    ports = dict(zip(("sensors", "pred", "control"), _ports(3), strict=True))
     stop = threading.Event()
     streamer = DatasetStreamer(StreamerConfig(endpoint=f"tcp://127.0.0.1:{ports['sensors']}", classes=[0, 1, 2, 3],
                                               dwell_s=1.0, camera_resample="frame", split="test"))
@@ -178,7 +181,7 @@ def test_noise_frames_through_the_imagezmq_bridge_are_unknown(system, tmp_path):
     cfg, ccfg, scfg = system["cfgs"]
     state = tmp_path / "state"
     shutil.copytree(system["root"] / "state", state)
-    src, out, pred = _port(), _port(), _port()
+    src, out, pred, ctl = _ports(4)
     sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{src}", REQ_REP=False)
     bridge = ImageZmqBridge(ImageZmqBridgeConfig(connect=[f"tcp://127.0.0.1:{src}"], publish=f"tcp://127.0.0.1:{out}"))
     stop = threading.Event()
@@ -186,7 +189,7 @@ def test_noise_frames_through_the_imagezmq_bridge_are_unknown(system, tmp_path):
     bt.start()
     cfg2 = AgentConfig(sensors=[f"tcp://127.0.0.1:{out}"], predictions=f"tcp://127.0.0.1:{pred}", backend="onnxruntime",
                        checkpoint_dir=state)
-    agent = Agent(cfg2, ControlConfig(endpoint=f"tcp://127.0.0.1:{_port()}", insecure=True), scfg, LearnerConfig())
+    agent = Agent(cfg2, ControlConfig(endpoint=f"tcp://127.0.0.1:{ctl}", insecure=True), scfg, LearnerConfig())
     assert agent.restore() and agent.server.served.openset is not None
     agent.start()
     rng = np.random.default_rng(0)
@@ -210,7 +213,8 @@ def test_noise_frames_through_the_imagezmq_bridge_are_unknown(system, tmp_path):
         bridge.close()
         sender.close()
     assert len(preds) >= 30, len(preds)
-    assert all(p["present"] == {"image": True, "audio": False, "imu": False} for p in preds)
-    assert all(p["label"] in TASK0 for p in preds)  # the classifier still names a class...
+    assert all(p["present"] == {"image": True, "audio": False, "imu": False} for p in preds), [
+        (p["present"], p["model_version"]) for p in preds]
+    assert all(p["label"] in TASK0 + TASK1 for p in preds)  # the classifier still names a class...
     assert all(p["known"] is False and p["unknown"] and p["novelty"] > 1.0 for p in preds)  # ...the open set does not
     assert all(p["smoothed_label"] == "unknown" for p in preds[5:])
