@@ -12,8 +12,9 @@ backbones and side network) learns a first task, then serves. Reported (ms):
   in this process (``frame_stamp_ns``: the frame the prediction describes);
 - ``e2e_agent_ms``: the agent's own ``latency_ms`` (camera stamp -> publish);
 - ``bare_backbones_ms``: the three backbones on one full sample (image, 1 s of audio, 1 s of
-  IMU), called directly one after the other, measured in this process *before* anything else
-  runs (the key and meaning are kept from earlier versions so results stay comparable);
+  IMU), called directly one after the other with the agent's thread settings, measured in this
+  process *before* anything else runs (the key and meaning are kept from earlier versions so
+  results stay comparable);
   ``bare_frame_path_ms``: the backbone work the agent does per camera frame (the image
   backbone; audio and IMU taps are computed on arrival in their own threads);
 - ``learning_ms``: e2e while a learn-new-task runs (a worker process extracts and trains);
@@ -53,15 +54,18 @@ def pct(x: list[float]) -> dict[str, float | int | None]:
     return {"n": int(a.size), "p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3)}
 
 
-def bare_backbones(n: int = 200, threads: int = 1) -> dict[str, list[float]]:
-    """Per-sample backbone times (ms), this process alone: the full sample, and the frame path."""
+def bare_backbones(n: int = 200, *, image_threads: int = 2, threads: int = 1) -> dict[str, list[float]]:
+    """Per-sample backbone times (ms), this process alone, with the agent's thread settings
+    (``[serve] image_threads`` / ``backend_threads``): the full sample, and the frame path."""
     from export.backends import load_backend
     from runtime.features import FeatureExtractor
     from runtime.sources import dataset_samples
 
     samples, _ = dataset_samples(["coat", "bag"], "test", per_class=max(1, n // 2))
     fx = FeatureExtractor(kind="onnxruntime", model_dir=REPO / "models", threads=threads, build="missing")
-    image = load_backend("image", "onnxruntime", REPO / "models", build=False, threads=threads)
+    image = load_backend("image", "onnxruntime", REPO / "models", build=False, threads=image_threads)
+    fx.backends["image"].close()
+    fx.backends["image"] = image  # the full sample uses the serving image session too
     full, frame = [], []
     try:
         for s in samples[:10]:  # warm-up
@@ -76,7 +80,6 @@ def bare_backbones(n: int = 200, threads: int = 1) -> dict[str, list[float]]:
             frame.append((t2 - t1) * 1e3)
     finally:
         fx.close()
-        image.close()
     return {"full": full, "frame": frame}
 
 
