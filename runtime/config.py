@@ -79,6 +79,7 @@ class ServeConfig:
     image_threads: int = 2  # intra-op threads of the image backbone session (the per-frame path)
     backend_threads: int = 1  # intra-op threads of the audio and IMU sessions, and of a worker's backbones
     side_threads: int = 1  # ONNX Runtime threads of the served side network
+    side_device: str = "cpu"  # "cuda": the side network on ONNX Runtime's CUDA EP (onnxruntime-gpu)
     gil_switch_s: float = 0.001  # sys.setswitchinterval of the agent process (Python's default: 0.005)
     idle_rate_hz: float = 30.0  # prediction rate from audio/IMU alone while the camera is stale
     smooth_s: float = 0.5  # window of the smoothed label (sensor time)
@@ -119,6 +120,8 @@ class ServeConfig:
         for name in ("abstain_below", "unknown_share", "open_set_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.side_device not in ("cpu", "cuda"):
+            raise ValueError(f"side_device={self.side_device!r} must be 'cpu' or 'cuda'")
         if self.open_set_rule not in ("mean", "max"):
             raise ValueError(f"open_set_rule={self.open_set_rule!r} must be 'mean' or 'max'")
         if not 0 <= self.capture_lead_s <= 60:

@@ -47,10 +47,10 @@ from training.openset import OpenSet
 log = logging.getLogger("continua.agent")
 
 
-def served_from(files: StateFiles, version: int, threads: int = 1) -> Served:
+def served_from(files: StateFiles, version: int, threads: int = 1, device: str = "cpu") -> Served:
     """The serving model of a checkpoint (its ONNX export and open-set data; no torch)."""
     entry = files.decode(["serving"])["serving"]
-    model = ServingModel.from_entry(entry, threads=threads)
+    model = ServingModel.from_entry(entry, threads=threads, device=device)
     openset = OpenSet.from_state_dict(entry["openset"]) if entry.get("openset") else None
     return Served(version=version, class_names=tuple(model.class_names), model=model, openset=openset)
 
@@ -118,7 +118,7 @@ class Agent:
         if "serving" not in files.entries:
             raise RuntimeError(f"checkpoint {where} has no exported serving model (written by continua before the "
                                "torch-free serving process); start from an empty state directory")
-        served = served_from(files, int(meta.get("version", 0)), self.serve_cfg.side_threads)
+        served = served_from(files, int(meta.get("version", 0)), self.serve_cfg.side_threads, self.serve_cfg.side_device)
         with self._lock:
             self.files, self.tasks, self.version = files, list(meta.get("tasks", [])), served.version
             self.checkpoint_path = path
@@ -158,7 +158,8 @@ class Agent:
             version = self.version + 1
         files = candidate.with_meta({"tasks": tasks, "version": version, "fingerprints": self.fingerprints,
                                      "tap_dims": self.dims})
-        served = served_from(files, version, self.serve_cfg.side_threads)  # a broken export fails here, not live
+        served = served_from(files, version, self.serve_cfg.side_threads,  # a broken export fails here, not live
+                             self.serve_cfg.side_device)
         name, path = self._commit(files)
         with self._lock:
             self.files, self.tasks, self.version, self.checkpoint_path = files, tasks, version, path

@@ -346,7 +346,7 @@ def test_malformed_flood_is_counted_and_does_not_hurt_latency(shared_agent, sens
         clean = collect_predictions(sub, 4.0)
         before = a.status()["intake"]
         out: dict = {}
-        # 3,000 junk messages/s on top of ~90 real ones/s; the agent handles at most 500/s
+        # 3,000 junk messages/s on top of ~90 real ones/s; the agent handles at most 2,000/s
         # (IntakeConfig.max_invalid_hz), the rest waits in the sender's queue
         t = threading.Thread(target=lambda: out.update(sent=flood(sensors.flood_ep, corpus, seconds=3.5, rate_hz=3000)))
         t.start()
