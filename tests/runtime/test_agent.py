@@ -4,7 +4,6 @@ restart from the checkpoint."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -14,58 +13,23 @@ import zmq
 
 from runtime import keys
 from runtime.agent import Agent, ServeConfig
-from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
-from sensors.datasets.publish import DatasetStreamer, StreamerConfig
+from tests.runtime.inprocess import agent_system, wait_job
 from training.learner import LearnerConfig
 
 TASK0 = ["t-shirt", "trouser"]
 TASK1 = ["pullover", "dress"]
 
 
-def _free_port() -> int:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REP)
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(0)
-    return port
-
-
 def _wait(client: ControlClient, job: str, timeout_s: float = 120.0) -> dict:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        snap = client.request("job", {"id": job})
-        if snap["state"] != "running":
-            return snap
-        time.sleep(0.2)
-    raise AssertionError(f"job {job} still running after {timeout_s} s")
+    return wait_job(client, job, timeout_s)
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agent")
-    kdir = root / "keys"
-    keys.create("server", kdir)
-    keys.create("op", kdir)
-    ports = {k: _free_port() for k in ("sensors", "pred", "control")}
-    stop = threading.Event()
-    streamer = DatasetStreamer(StreamerConfig(endpoint=f"tcp://127.0.0.1:{ports['sensors']}", classes=[0, 1],
-                                              dwell_s=1.0, camera_resample="frame", split="test"))
-    pub_thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
-    pub_thread.start()
-    assert streamer.ready.wait(30)
-    cfg = AgentConfig(sensors=[f"tcp://127.0.0.1:{ports['sensors']}"], predictions=f"tcp://127.0.0.1:{ports['pred']}",
-                      backend="onnxruntime", checkpoint_dir=root / "state", min_new_task_acc=0.5, max_old_task_drop=0.3)
-    ccfg = ControlConfig(endpoint=f"tcp://127.0.0.1:{ports['control']}", keys_dir=kdir)
-    scfg = ServeConfig(dataset_per_class=30, eval_per_class=20)
-    lcfg = LearnerConfig()
-    agent = Agent(cfg, ccfg, scfg, lcfg).start()
-    client = ControlClient(ccfg.endpoint, keys_dir=kdir, key_name="op", timeout_s=10.0)
-    yield {"agent": agent, "client": client, "ports": ports, "root": root, "cfgs": (cfg, ccfg, scfg, lcfg), "kdir": kdir}
-    client.close()
-    agent.stop()
-    stop.set()
-    pub_thread.join(timeout=10)
+    with agent_system(tmp_path_factory.mktemp("agent"), classes=[0, 1],
+                      serve=ServeConfig(dataset_per_class=30, eval_per_class=20), learner=LearnerConfig()) as sys_:
+        yield sys_
 
 
 def test_learns_first_task_and_serves_predictions(system):

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import keys
 from runtime.agent import Agent, ServeConfig
 from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
-from sensors.datasets.publish import DatasetStreamer, StreamerConfig
+from tests.runtime.inprocess import agent_system, free_ports, wait_job
 from training.buffer import ReplayBuffer
 from training.learner import LearnerConfig
 
@@ -27,24 +26,8 @@ TASK0 = ["t-shirt", "trouser"]
 TASK1 = ["pullover", "dress"]
 
 
-def _ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all bound at once, so none is handed out twice)."""
-    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
-    try:
-        return [s.bind_to_random_port("tcp://127.0.0.1") for s in socks]
-    finally:
-        for s in socks:
-            s.close(0)
-
-
 def _wait(client: ControlClient, job: str, timeout_s: float = 180.0, until=None) -> dict:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        snap = client.request("job", {"id": job})
-        if snap["state"] != "running" or (until is not None and until(snap)):
-            return snap
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} still running after {timeout_s} s")
+    return wait_job(client, job, timeout_s, until)
 
 
 def _predictions(endpoint: str, n: int, timeout_s: float = 20.0) -> list[dict]:
@@ -69,30 +52,12 @@ def _committed(state: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    root = tmp_path_factory.mktemp("learning")
-    kdir = root / "keys"
-    keys.create("server", kdir)
-    keys.create("op", kdir)
-    ports = dict(zip(("sensors", "pred", "control"), _ports(3), strict=True))
-    stop = threading.Event()
-    streamer = DatasetStreamer(StreamerConfig(endpoint=f"tcp://127.0.0.1:{ports['sensors']}", classes=[0, 1, 2, 3],
-                                              dwell_s=1.0, camera_resample="frame", split="test"))
-    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
-    thread.start()
-    assert streamer.ready.wait(30)
-    cfg = AgentConfig(sensors=[f"tcp://127.0.0.1:{ports['sensors']}"], predictions=f"tcp://127.0.0.1:{ports['pred']}",
-                      backend="onnxruntime", checkpoint_dir=root / "state", min_new_task_acc=0.5, max_old_task_drop=0.3)
-    ccfg = ControlConfig(endpoint=f"tcp://127.0.0.1:{ports['control']}", keys_dir=kdir)
-    scfg = ServeConfig(dataset_per_class=40, eval_per_class=20)
-    agent = Agent(cfg, ccfg, scfg, LearnerConfig(epochs=6)).start()
-    client = ControlClient(ccfg.endpoint, keys_dir=kdir, key_name="op", timeout_s=10.0)
-    snap = _wait(client, client.request("learn-new-task", {"name": "task0", "labels": TASK0, "source": "dataset:train"})["job"])
-    assert snap["state"] == "done" and snap["result"]["accepted"], snap
-    yield {"agent": agent, "client": client, "ports": ports, "root": root, "cfgs": (cfg, ccfg, scfg), "kdir": kdir}
-    client.close()
-    agent.stop()
-    stop.set()
-    thread.join(timeout=10)
+    with agent_system(tmp_path_factory.mktemp("learning"), classes=[0, 1, 2, 3],
+                      serve=ServeConfig(dataset_per_class=40, eval_per_class=20), learner=LearnerConfig(epochs=6)) as sys_:
+        snap = _wait(sys_["client"], sys_["client"].request("learn-new-task", {"name": "task0", "labels": TASK0,
+                                                                               "source": "dataset:train"})["job"])
+        assert snap["state"] == "done" and snap["result"]["accepted"], snap
+        yield sys_
 
 
 def test_sigkill_of_the_worker_mid_training_fails_the_job_and_changes_nothing(system):
@@ -181,7 +146,7 @@ def test_noise_frames_through_the_imagezmq_bridge_are_unknown(system, tmp_path):
     cfg, ccfg, scfg = system["cfgs"]
     state = tmp_path / "state"
     shutil.copytree(system["root"] / "state", state)
-    src, out, pred, ctl = _ports(4)
+    src, out, pred, ctl = free_ports(4)
     sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{src}", REQ_REP=False)
     bridge = ImageZmqBridge(ImageZmqBridgeConfig(connect=[f"tcp://127.0.0.1:{src}"], publish=f"tcp://127.0.0.1:{out}"))
     stop = threading.Event()

@@ -1,0 +1,71 @@
+"""An agent in the test process with real dataset publishers (a thread), real sockets on
+loopback, real ONNX Runtime backbones and real learning workers; shared by the in-process tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from runtime import keys
+from runtime.agent import Agent, ServeConfig
+from runtime.config import AgentConfig, ControlConfig
+from runtime.console import ControlClient
+from sensors.datasets.publish import DatasetStreamer, StreamerConfig
+from training.config import LearnerConfig
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all bound at once, so none is handed out twice)."""
+    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
+    try:
+        return [s.bind_to_random_port("tcp://127.0.0.1") for s in socks]
+    finally:
+        for s in socks:
+            s.close(0)
+
+
+def wait_job(client: ControlClient, job: str, timeout_s: float = 180.0, until: Any = None) -> dict:
+    """Poll a job until it ends (or ``until(snapshot)``); bounded."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        snap = client.request("job", {"id": job})
+        if snap["state"] != "running" or (until is not None and until(snap)):
+            return snap
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} still running after {timeout_s} s")
+
+
+@contextmanager
+def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner: LearnerConfig
+                 ) -> Iterator[dict[str, Any]]:
+    """Publishers of ``classes`` (1 s dwell, a new image per frame) and a started agent with a
+    CurveZMQ operator "op"; yields agent, client, ports, root, cfgs, kdir."""
+    kdir = root / "keys"
+    keys.create("server", kdir)
+    keys.create("op", kdir)
+    ports = dict(zip(("sensors", "pred", "control"), free_ports(3), strict=True))
+    stop = threading.Event()
+    streamer = DatasetStreamer(StreamerConfig(endpoint=f"tcp://127.0.0.1:{ports['sensors']}", classes=classes,
+                                              dwell_s=1.0, camera_resample="frame", split="test"))
+    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
+    thread.start()
+    assert streamer.ready.wait(30)
+    cfg = AgentConfig(sensors=[f"tcp://127.0.0.1:{ports['sensors']}"], predictions=f"tcp://127.0.0.1:{ports['pred']}",
+                      backend="onnxruntime", checkpoint_dir=root / "state", min_new_task_acc=0.5, max_old_task_drop=0.3)
+    ccfg = ControlConfig(endpoint=f"tcp://127.0.0.1:{ports['control']}", keys_dir=kdir)
+    agent = Agent(cfg, ccfg, serve, learner).start()
+    client = ControlClient(ccfg.endpoint, keys_dir=kdir, key_name="op", timeout_s=10.0)
+    try:
+        yield {"agent": agent, "client": client, "ports": ports, "root": root, "cfgs": (cfg, ccfg, serve, learner),
+               "kdir": kdir}
+    finally:
+        client.close()
+        agent.stop()
+        stop.set()
+        thread.join(timeout=10)
