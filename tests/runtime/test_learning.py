@@ -143,7 +143,7 @@ def test_noise_frames_through_the_imagezmq_bridge_are_unknown(system, tmp_path):
     imagezmq = pytest.importorskip("imagezmq")
     from sensors.bridge import ImageZmqBridge, ImageZmqBridgeConfig
 
-    cfg, ccfg, scfg = system["cfgs"]
+    _, _, scfg, _ = system["cfgs"]
     state = tmp_path / "state"
     shutil.copytree(system["root"] / "state", state)
     src, out, pred, ctl = free_ports(4)
