@@ -165,7 +165,7 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     config = from_dict(LearnerConfig, spec["learner"])
     # everything that does not need the samples happens now, while the operator may still capture
     state = tj.load_state(base, tap_dims, config)
-    tj.warm_up()
+    template = tj.prepare_export(state[0], list(spec["labels"]))
     t_ready = time.time()
     link.progress(0.02, "worker ready: waiting for the task's samples")
     link.wait_go()
@@ -176,7 +176,7 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     settings = from_dict(tj.LearnSettings, spec["settings"])
     link.progress(None, f"samples ready ({time.time() - spec.get('spawned_s', time.time()):.1f} s after the spawn)")
     cand = tj.learn(state, samples, name=spec["name"], labels=spec["labels"], tasks=spec["tasks"], tap_dims=tap_dims,
-                    settings=settings, progress=link.progress, cancel=link.cancel)
+                    settings=settings, progress=link.progress, cancel=link.cancel, template=template)
     out = job / "candidate"
     out.mkdir()
     link.progress(0.95, "writing the candidate")

@@ -107,6 +107,7 @@ def test_reservoir_keeps_the_holdout_apart_and_the_gate_uses_it(system):
     r = snap["result"]
     assert r["holdout_samples"] == 16 and r["train_samples"] == 64 and r["split"] == {"pullover": "random", "dress": "random"}
     assert r["old_acc_before"] is not None and r["old_acc_after"] is not None  # old tasks checked on the reservoir
+    assert r["export"] == "template"  # traced while the samples were coming, filled after training
     assert len(r["accuracy_row"]) == 2
     state = agent.files.decode(["reservoir", "buffer"])
     res = ReplayBuffer.from_state_dict(state["reservoir"])

@@ -1,5 +1,7 @@
 """ONNX export of the learner's prediction: ORT probs equal ``Learner.predict`` probs for every
-registered strategy, on batches of 1 and 7 with absent modalities; the learner is untouched."""
+registered strategy, on batches of 1 and 7 with absent modalities; the learner is untouched.
+A template traced before the task is filled with the trained weights and gives the same probs as
+a fresh trace; a template that does not fit is left for a fresh trace."""
 
 from __future__ import annotations
 
@@ -16,7 +18,15 @@ from hypothesis import strategies as st
 
 from training import registry
 from training.learner import LabelledSamples, Learner, LearnerConfig
-from training.onnx_export import OUTPUT_NAME, PRESENT_NAME, export_predictor, input_names, predictor_parity
+from training.onnx_export import (
+    OUTPUT_NAME,
+    PRESENT_NAME,
+    export,
+    export_predictor,
+    input_names,
+    predictor_parity,
+    predictor_template,
+)
 from training.strategies.naive import Naive
 
 DIMS = {"image": [6, 10], "audio": [5], "imu": [7, 9]}
@@ -171,3 +181,46 @@ def test_export_from_a_cuda_learner() -> None:
     ref = torch.softmax(learner.strategy.predict(t, torch.from_numpy(present).cuda()), dim=1).cpu().numpy()
     np.testing.assert_allclose(ort_probs(onnx_bytes, taps, present), ref, rtol=0, atol=TOL)
     assert predictor_parity(learner, onnx_bytes, taps, present) < TOL
+
+
+def _one_then_template(strategy: str, labels: list[str]) -> tuple[Learner, object]:
+    learner = Learner(DIMS, config(strategy))
+    learner.learn_task(samples([0, 1], 48, 1))
+    return learner, predictor_template(learner, labels)
+
+
+@pytest.mark.parametrize("strategy", registry.names())
+def test_a_filled_template_equals_a_fresh_trace(strategy: str) -> None:
+    learner, template = _one_then_template(strategy, ["box", "pen"])
+    assert template.n_classes == 4
+    learner.learn_task(samples([2, 3], 48, 2))
+    filled, traced = export(learner, template), export(learner)
+    assert (filled.how, traced.how) == ("template", "traced")
+    for n, seed in ((1, 50), (7, 51)):
+        taps, present = batch(n, seed)
+        ref = learner.predict(taps, present).probs
+        np.testing.assert_allclose(ort_probs(filled.onnx, taps, present), ref, rtol=0, atol=TOL)
+        np.testing.assert_allclose(ort_probs(filled.onnx, taps, present), ort_probs(traced.onnx, taps, present),
+                                   rtol=0, atol=TOL)
+
+
+def test_a_template_that_does_not_fit_is_traced_afresh() -> None:
+    learner, template = _one_then_template("ours", ["box"])  # one new class planned, two learned
+    learner.learn_task(samples([2, 3], 48, 2))
+    out = export(learner, template)
+    assert out.how == "traced"
+    taps, present = batch(7, 60)
+    np.testing.assert_allclose(ort_probs(out.onnx, taps, present), learner.predict(taps, present).probs,
+                               rtol=0, atol=TOL)
+
+
+def test_a_template_leaves_the_learner_unchanged() -> None:
+    learner = Learner(DIMS, config("ours"))
+    learner.learn_task(samples([0, 1], 48, 1))
+    before, n_buffer = copy.deepcopy(learner.state_dict()), len(learner.buffer)
+    predictor_template(learner, ["box", "pen"])
+    after = learner.state_dict()
+    assert after["class_names"] == before["class_names"] == ["cup", "ball"] and len(learner.buffer) == n_buffer
+    assert learner.strategy.tasks_learned == 1 and learner.model.num_classes == 2
+    for k, v in before["model"].items():
+        assert torch.equal(after["model"][k], v), k
