@@ -110,7 +110,7 @@ def run(*, tasks: int, teach_s: float, reps: int, final_reps: int, dwell_s: floa
                              "train_samples": res.get("train_samples"), "holdout_samples": res.get("holdout_samples"),
                              "holdout_known_rate": res.get("holdout_known_rate"), "train_seconds": res.get("train_seconds"),
                              "worker_seconds": res.get("worker_seconds"), "startup_s": res.get("startup_s"),
-                             "timings_s": res.get("timings_s")})
+                             "export": res.get("export"), "timings_s": res.get("timings_s")})
             if res.get("accepted"):
                 learned += labels
             print(f"task{i} {labels}: {per_task[-1]}", flush=True)
