@@ -26,7 +26,26 @@ from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"  # ignored by git: runs leave the tree clean
 SLOW_SAVE_ENV = "CONTINUA_TEST_SLOW_SAVE_S"
+
+
+def save_figure(fig: Any, name: str) -> Path:
+    """``fig`` as ``results/<name>`` (110 dpi), then closed."""
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+    return RESULTS / name
+
+
+def report(name: str, res: dict[str, Any]) -> None:
+    """The benchmark's result: ``results/<name>.json`` and one JSON line on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
 
 
 def free_port() -> int:

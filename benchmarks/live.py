@@ -39,12 +39,20 @@ from typing import Any
 import numpy as np
 import zmq
 
-from benchmarks.harness import REPO, Agent, AgentSetup, free_port, make_keys, proc_rss_mb, start_publisher
+from benchmarks.harness import (
+    Agent,
+    AgentSetup,
+    free_port,
+    make_keys,
+    proc_rss_mb,
+    report,
+    save_figure,
+    start_publisher,
+)
 from benchmarks.pipeline import pct
 from runtime.scripted import LiveMonitor, class_ids, learn_live, show_sequence, wait_job
 from sensors.datasets.scene_control import SceneClient
 
-RESULTS = REPO / "benchmarks" / "results"
 PAIRS = [["t-shirt", "trouser"], ["pullover", "dress"], ["coat", "sandal"], ["shirt", "sneaker"], ["bag", "ankle boot"]]
 
 
@@ -188,10 +196,7 @@ def _plot(res: dict[str, Any]) -> None:
                res["latency_learning_ms"]["p50"] or 0, res["latency_learning_ms"]["p99"] or 0])
     ax[1].axhline(33, color="r", ls="--", lw=1)
     ax[1].set(ylabel="ms (camera stamp -> prediction received)", title="latency")
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "live.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "live.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(tasks=args.tasks, teach_s=args.teach_s, reps=args.reps, final_reps=args.final_reps,
               dwell_s=args.dwell_s, settle_s=args.settle_s, seed=args.seed, learner=json.loads(args.learner),
               serve=json.loads(args.serve))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "live.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
+    report("live", res)
     return 0
 
 

@@ -29,7 +29,6 @@ line is JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -40,9 +39,18 @@ import msgpack
 import numpy as np
 import zmq
 
-from benchmarks.harness import REPO, Agent, AgentSetup, free_port, make_keys, proc_rss_mb, start_publisher
+from benchmarks.harness import (
+    REPO,
+    Agent,
+    AgentSetup,
+    free_port,
+    make_keys,
+    proc_rss_mb,
+    report,
+    save_figure,
+    start_publisher,
+)
 
-RESULTS = REPO / "benchmarks" / "results"
 TASK0 = ["t-shirt", "trouser", "pullover", "dress"]
 TASK1 = ["coat", "sandal", "shirt", "sneaker"]
 
@@ -197,10 +205,7 @@ def _plot(bare: dict[str, list[float]], idle: list[float], learning: list[float]
     ax.axhline(33, color="r", ls="--", lw=1, label="33 ms (one frame at 30 Hz)")
     ax.set(ylabel="ms (camera stamp -> prediction received)", title="continua pipeline latency (whiskers p1..p99)")
     ax.legend()
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "pipeline.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "pipeline.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     res = run(args.seconds, args.backend)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
+    report("pipeline", res)
     return 0
 
 
