@@ -24,8 +24,8 @@ Why a template (``predictor_template`` + ``export_predictor(learner, template=..
 costs 1.5 s of CPU on an idle core and 3-4 s on a robot that keeps serving, and it sat between
 the end of the operator's capture and the swap. The graph's *structure* is known as soon as the
 task's labels are: the learning worker traces a dry run of the task (the strategy's own
-``learn_task`` with no training step, so class count, class means and every branch are those
-the trained model will have) while the operator is still capturing. After training, only the
+``learn_task`` on one zero sample per label and one throwaway step, so class count, class means
+and every branch are those the trained model will have) while the operator is still capturing. After training, only the
 weights change: they are written into the template's initializers by name (the graph is traced
 without constant folding, so every initializer is a named tensor of the predictor's state, the
 strategy's tensors included), and ONNX Runtime's basic, platform-independent optimisations then
