@@ -48,13 +48,31 @@ def report(name: str, res: dict[str, Any]) -> None:
     print(json.dumps(res))
 
 
-def free_port() -> int:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REP)
+def _port_range() -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range: one handed out inside it can be taken, between
+    this check and the real bind, as the local port of an outgoing connection (ZeroMQ sockets
+    reconnecting to a stopped peer churn through them several times a second)."""
     try:
-        return s.bind_to_random_port("tcp://127.0.0.1")
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return 49152, 65536
+    return (20000, low) if low > 21000 else (high + 1, 65536)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    lo, hi = _port_range()
+    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
+    try:
+        return [s.bind_to_random_port("tcp://127.0.0.1", min_port=lo, max_port=hi) for s in socks]
     finally:
-        s.close(0)
+        for s in socks:
+            s.close(0)
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def make_keys(root: Path) -> Path:

@@ -10,24 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import zmq
-
+from benchmarks.harness import free_ports
 from runtime import keys
 from runtime.agent import Agent, ServeConfig
 from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
 from sensors.datasets.publish import DatasetStreamer, StreamerConfig
 from training.config import LearnerConfig
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all bound at once, so none is handed out twice)."""
-    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
-    try:
-        return [s.bind_to_random_port("tcp://127.0.0.1") for s in socks]
-    finally:
-        for s in socks:
-            s.close(0)
 
 
 def wait_job(client: ControlClient, job: str, timeout_s: float = 180.0, until: Any = None) -> dict:
