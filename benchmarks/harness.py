@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,14 +63,31 @@ def _port_range() -> tuple[int, int]:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    """``n`` distinct free loopback ports (all held at once, so none is handed out twice).
+
+    Checked with plain sockets, whose close is synchronous: a ZeroMQ socket's close returns
+    before its I/O thread has released the port, and a bind right after could fail.
+    """
     lo, hi = _port_range()
-    socks = [zmq.Context.instance().socket(zmq.REP) for _ in range(n)]
+    rng = random.Random()
+    held: list[socket.socket] = []
     try:
-        return [s.bind_to_random_port("tcp://127.0.0.1", min_port=lo, max_port=hi) for s in socks]
+        for _ in range(100 * n):
+            if len(held) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", rng.randrange(lo, hi)))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        if len(held) < n:
+            raise RuntimeError(f"no {n} free loopback ports in [{lo}, {hi})")
+        return [s.getsockname()[1] for s in held]
     finally:
-        for s in socks:
-            s.close(0)
+        for s in held:
+            s.close()
 
 
 def free_port() -> int:
