@@ -256,7 +256,7 @@ class Learning:
                                     "reservoir_size": s.reservoir_size, "reservoir_bytes": s.reservoir_bytes,
                                     "open_set_quantile": s.open_set_quantile, "open_set_margin": s.open_set_margin,
                                     "open_set_rule": s.open_set_rule,
-                                    "seed": a.cfg.seed, "serving_threads": s.side_threads})
+                                    "seed": a.cfg.seed})
         spec["seed"] = a.cfg.seed + len(tasks)
         capture_s: list[float] = []
 

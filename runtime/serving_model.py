@@ -52,6 +52,15 @@ def _session(onnx_bytes: bytes, *, threads: int, device: str) -> Any:
         raise ValueError(f"ServingModel: onnxruntime cannot load the predictor graph: {e}") from e
 
 
+def serving_entry(onnx_bytes: bytes, *, class_names: list[str], tap_dims: Mapping[str, list[int]]) -> dict[str, Any]:
+    """The checkpoint entry of a predictor graph (``ServingModel.from_entry`` reads it) without an
+    ONNX Runtime session: the learning worker writes it, the agent loads and checks it before the
+    commit (a session per side would only load the same graph twice)."""
+    return {"format": FORMAT, "onnx": np.frombuffer(bytes(onnx_bytes), dtype=np.uint8).copy(),
+            "class_names": [str(n) for n in class_names],
+            "tap_dims": {str(m): [int(d) for d in dims] for m, dims in tap_dims.items()}}
+
+
 class ServingModel:
     """ONNX Runtime session on an exported predictor graph, with its class names and tap dims.
 
@@ -142,8 +151,7 @@ class ServingModel:
     # ---- checkpoint entry ----------------------------------------------------------------------
     def to_entry(self) -> dict[str, Any]:
         """Plain JSON values plus the graph as a uint8 array (stored as ``state["serving"]``)."""
-        return {"format": FORMAT, "onnx": np.frombuffer(self.onnx_bytes, dtype=np.uint8).copy(),
-                "class_names": list(self.class_names), "tap_dims": {m: list(d) for m, d in self.tap_dims.items()}}
+        return serving_entry(self.onnx_bytes, class_names=self.class_names, tap_dims=self.tap_dims)
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], *, threads: int = 1, device: str = "cpu") -> ServingModel:

@@ -65,7 +65,6 @@ class LearnSettings:
     open_set_margin: float = 1.25
     open_set_rule: str = "mean"
     seed: int = 0
-    serving_threads: int = 1
 
 
 @dataclass
@@ -134,7 +133,7 @@ def learn(state: tuple[Any, ReplayBuffer | None], samples: TaskSamples, *, name:
     """See the module docstring. ``state``: ``load_state``'s (learner, reservoir), loaded before the
     samples arrive; ``tasks``: the learned tasks (names, labels) before this one; ``template``:
     ``prepare_export``'s, or None (the export traces)."""
-    from runtime.serving_model import ServingModel
+    from runtime.serving_model import serving_entry
     from training.learner import LabelledSamples
     from training.onnx_export import export
     from training.openset import OpenSet
@@ -188,8 +187,7 @@ def learn(state: tuple[Any, ReplayBuffer | None], samples: TaskSamples, *, name:
     mark("openset")
     progress(0.9, "exporting the serving model (ONNX)")
     exported = export(learner, template)  # checked against torch on every presence pattern (ValueError)
-    serving = ServingModel(exported.onnx, class_names=list(learner.class_names), tap_dims=tap_dims,
-                           threads=settings.serving_threads).to_entry()
+    serving = serving_entry(exported.onnx, class_names=list(learner.class_names), tap_dims=tap_dims)
     serving["openset"] = openset.state_dict()
     mark("export")
     files = StateFiles.encode({"learner": learner.state_dict(), "buffer": learner.buffer.state_dict(),
