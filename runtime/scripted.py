@@ -26,8 +26,10 @@ import zmq
 log = logging.getLogger(__name__)
 
 
-def wait_job(client: Any, job: str, timeout_s: float, *, quiet: bool = False) -> dict[str, Any]:
-    """Follow a job: a tqdm bar on a terminal, one line per phase kind in a log; bounded."""
+def wait_job(client: Any, job: str, timeout_s: float, *, quiet: bool = False, on_poll: Any = None,
+             poll_s: float = 0.2) -> dict[str, Any]:
+    """Follow a job: a tqdm bar on a terminal, one line per phase kind in a log; bounded (then
+    cancelled). ``on_poll(snapshot)`` is called on every poll, every ``poll_s``."""
     from tqdm import tqdm
 
     end = time.monotonic() + timeout_s
@@ -37,6 +39,8 @@ def wait_job(client: Any, job: str, timeout_s: float, *, quiet: bool = False) ->
               bar_format="{desc:<40} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
         while time.monotonic() < end:
             snap = client.request("job", {"id": job})
+            if on_poll is not None:
+                on_poll(snap)
             phase = str(snap.get("phase", ""))
             bar.n = round(100 * float(snap.get("progress", 0.0)))
             bar.set_description_str(phase[:40], refresh=False)
@@ -47,7 +51,7 @@ def wait_job(client: Any, job: str, timeout_s: float, *, quiet: bool = False) ->
                 last_kind = kind
             if snap.get("state") != "running":
                 return snap
-            time.sleep(0.2)
+            time.sleep(poll_s)
     client.request("cancel")
     raise TimeoutError(f"job {job} did not finish within {timeout_s} s")
 
@@ -70,9 +74,8 @@ def learn_live(client: Any, scene: Any, name: str, *, labels: list[str], class_o
     (its job phase says "show 'LABEL' now"); returns the final job snapshot."""
     job = client.request("learn-new-task", {"name": name, "labels": labels, "source": f"live:{seconds:g}"})["job"]
     shown: set[str] = set()
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        snap = client.request("job", {"id": job})
+
+    def poll(snap: dict[str, Any]) -> None:
         if on_poll is not None:
             on_poll(snap)
         phase = str(snap.get("phase", ""))
@@ -80,12 +83,13 @@ def learn_live(client: Any, scene: Any, name: str, *, labels: list[str], class_o
             if lab not in shown and phase.startswith(f"show {lab!r} now"):
                 scene.show(class_of[lab], seconds + 3.0)  # the lead, the capture, a margin
                 shown.add(lab)
-        if snap.get("state") != "running":
-            scene.resume()
-            return snap
-        time.sleep(0.05)
-    client.request("cancel")
-    raise TimeoutError(f"learn-new-task {name} did not finish within {timeout_s} s")
+
+    try:
+        snap = wait_job(client, job, timeout_s, quiet=True, on_poll=poll, poll_s=0.05)
+    except TimeoutError as exc:
+        raise TimeoutError(f"learn-new-task {name} did not finish within {timeout_s} s") from exc
+    scene.resume()
+    return snap
 
 
 def show_sequence(scene: Any, learned: list[int], *, reps: int, dwell_s: float, rng: np.random.Generator
