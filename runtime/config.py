@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sensors.config import load_config
+from training.openset import RULES as OPEN_SET_RULES
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
@@ -122,8 +123,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         if self.side_device not in ("cpu", "cuda"):
             raise ValueError(f"side_device={self.side_device!r} must be 'cpu' or 'cuda'")
-        if self.open_set_rule not in ("mean", "max"):
-            raise ValueError(f"open_set_rule={self.open_set_rule!r} must be 'mean' or 'max'")
+        if self.open_set_rule not in OPEN_SET_RULES:
+            raise ValueError(f"open_set_rule={self.open_set_rule!r} must be one of {OPEN_SET_RULES}")
         if not 0 <= self.capture_lead_s <= 60:
             raise ValueError(f"capture_lead_s={self.capture_lead_s!r} must be in [0, 60]")
         if self.holdout_guard_s < 0:
