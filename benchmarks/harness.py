@@ -234,6 +234,17 @@ class AgentSetup:
         return ControlClient(self.control_ep, keys_dir=self.kdir, key_name=key, timeout_s=timeout_s)
 
 
+def wait_job(client: ControlClient, job: str, timeout_s: float = 120.0, until: Any = None) -> dict:
+    """Poll the job until it ends (or ``until(snapshot)`` is true); bounded."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        snap = client.request("job", {"id": job})
+        if snap["state"] != "running" or (until is not None and until(snap)):
+            return snap
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job} still running after {timeout_s} s")
+
+
 class Agent:
     """``python -m runtime.agent --config`` as a process plus a console client."""
 
@@ -261,14 +272,7 @@ class Agent:
         return self.client.request("status")
 
     def wait_job(self, job: str, timeout_s: float = 120.0, until: Any = None) -> dict:
-        """Poll the job until it ends (or ``until(snapshot)`` is true); bounded."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            snap = self.client.request("job", {"id": job})
-            if snap["state"] != "running" or (until is not None and until(snap)):
-                return snap
-            time.sleep(0.05)
-        raise TimeoutError(f"job {job} still running after {timeout_s} s")
+        return wait_job(self.client, job, timeout_s, until)
 
     def learn(self, name: str, labels: list[str]) -> str:
         return self.client.request("learn-new-task", {"name": name, "labels": labels, "source": "dataset:train"})["job"]

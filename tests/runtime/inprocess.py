@@ -4,7 +4,6 @@ loopback, real ONNX Runtime backbones and real learning workers; shared by the i
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +16,6 @@ from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
 from sensors.datasets.publish import DatasetStreamer, StreamerConfig
 from training.config import LearnerConfig
-
-
-def wait_job(client: ControlClient, job: str, timeout_s: float = 180.0, until: Any = None) -> dict:
-    """Poll a job until it ends (or ``until(snapshot)``); bounded."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        snap = client.request("job", {"id": job})
-        if snap["state"] != "running" or (until is not None and until(snap)):
-            return snap
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} still running after {timeout_s} s")
 
 
 @contextmanager

@@ -11,10 +11,11 @@ import msgpack
 import pytest
 import zmq
 
+from benchmarks.harness import wait_job
 from runtime import keys
 from runtime.agent import Agent, ServeConfig
 from runtime.console import ControlClient
-from tests.runtime.inprocess import agent_system, wait_job
+from tests.runtime.inprocess import agent_system
 from training.learner import LearnerConfig
 
 TASK0 = ["t-shirt", "trouser"]

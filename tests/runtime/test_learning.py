@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import zmq
 
+from benchmarks.harness import free_ports, wait_job
 from runtime.agent import Agent, ServeConfig
 from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
-from tests.runtime.inprocess import agent_system, free_ports, wait_job
+from tests.runtime.inprocess import agent_system
 from training.buffer import ReplayBuffer
 from training.learner import LearnerConfig
 
