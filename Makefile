@@ -1,8 +1,12 @@
-# The two commands: `make demo` and `make test`. Each creates .venv when missing
+# The two commands: `make demo` and `make test`. Each creates its venv when missing
 # (idempotent: a stamp tracks pyproject.toml and constraints.txt) and then does its job.
+# `make test PY=python3.10` (or python3.12) runs the same suite in a venv of that Python
+# (.venv-3.10, ...); plain `make test` is Python 3.11 in .venv, the CI command.
 SHELL := /bin/bash
 PY ?= python3.11
-VENV := .venv
+PYTHON := $(shell .ci/find-python $(PY) 2>/dev/null)
+PYVER := $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'))
+VENV ?= $(if $(filter 3.11,$(PYVER)),.venv,.venv-$(PYVER))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 APT_PKGS := dataset-fashion-mnist espeak-ng flite sox
@@ -13,7 +17,8 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@test -n "$(PYTHON)" || .ci/find-python $(PY) >/dev/null || exit 2
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# constraints.txt holds torch/torchvision/torchaudio exactly: pip never picks a torch.
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'

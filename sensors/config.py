@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser, published as tomli before it joined the stdlib
+    import tomli as tomllib
 
 T = TypeVar("T")
 
