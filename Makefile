@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 APT_PKGS := dataset-fashion-mnist espeak-ng flite sox
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv sysdeps data lint models bench clean
+.PHONY: test demo venv sysdeps data lint models bench clean robot-check
 
 venv: $(STAMP)
 
@@ -48,6 +48,16 @@ demo: venv sysdeps data
 	@test -f state/demo/keys/server.key_secret || $(BIN)/python -m runtime.keys create server --dir state/demo/keys
 	@test -f state/demo/keys/clients/demo.key_secret || $(BIN)/python -m runtime.keys create demo --dir state/demo/keys
 	$(BIN)/python -m runtime.launch launch/demo.toml
+
+# A robot's install, checked here (needs PyPI; about 4 GB of downloads): a venv of ROBOT_PY that
+# already holds ROBOT_TORCH, `pip install .` keeps it, the lower bounds of constraints-lowest.txt
+# install, and the installed package serves from a models bundle and learns (README, robot section).
+ROBOT_PY ?= python3.10
+ROBOT_TORCH ?= torch==2.4.0
+robot-check: venv data
+	$(BIN)/python -m export build
+	$(BIN)/python -m export bundle --out models --file build/robot-check/models.tar
+	ROBOT_PY=$(ROBOT_PY) ROBOT_TORCH=$(ROBOT_TORCH) .ci/robot-install-check build/robot-check/models.tar
 
 clean:
 	rm -rf data models engines benchmarks/results/*.json benchmarks/results/*.png

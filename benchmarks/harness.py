@@ -248,9 +248,17 @@ def wait_job(client: ControlClient, job: str, timeout_s: float = 120.0, until: A
 class Agent:
     """``python -m runtime.agent --config`` as a process plus a console client."""
 
-    def __init__(self, setup: AgentSetup, *, env: dict[str, str] | None = None, tag: str = "agent") -> None:
+    def __init__(self, setup: AgentSetup, *, env: dict[str, str] | None = None, tag: str = "agent",
+                 preload: tuple[str, ...] = ()) -> None:
+        """``preload``: modules the process imports before the agent starts (what they cost it)."""
         self.setup = setup
-        self.proc = Proc(tag, ["-m", "runtime.agent", "--config", str(setup.config())], setup.root / f"{tag}.log", env)
+        if preload:
+            code = (f"import runpy, {', '.join(preload)}; "
+                    "runpy.run_module('runtime.agent', run_name='__main__', alter_sys=True)")
+            launch = ["-c", code]
+        else:
+            launch = ["-m", "runtime.agent"]
+        self.proc = Proc(tag, [*launch, "--config", str(setup.config())], setup.root / f"{tag}.log", env)
         self.client = setup.client()
 
     def wait_ready(self, timeout_s: float = 60.0, predictions: bool = True) -> dict:

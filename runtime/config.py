@@ -44,6 +44,9 @@ class AgentConfig:
     predictions: str = "tcp://127.0.0.1:5560"  # bind (PUB)
     backend: str = "auto"
     model_dir: Path = Path("models")
+    # a models bundle (`python -m export bundle`): verified and unpacked into model_dir at start-up
+    # unless model_dir already holds it; with it, a missing model is an error, never a local export
+    model_bundle: Path | None = None
     checkpoint_dir: Path = Path("state/")
     keep_checkpoints: int = 3
     stale_s: float = 1.0  # a modality silent this long is left out of the sample
@@ -62,6 +65,8 @@ class AgentConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         self.model_dir = Path(self.model_dir)
+        if self.model_bundle is not None:
+            self.model_bundle = Path(self.model_bundle)
         self.checkpoint_dir = Path(self.checkpoint_dir)
         if self.keep_checkpoints < 2:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be >= 2 (rollback needs one)")

@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from export.backends import load_backend, load_manifest
+from export.bundle import ensure_unbundled
 from export.incremental import IncrementalAudioExtractor
 from export.manifest import fingerprint
 from runtime.checkpoints import CheckpointStore
@@ -60,7 +61,10 @@ class Agent:
                  *, context: zmq.Context | None = None) -> None:
         self.cfg, self.serve_cfg, self.learner_cfg = cfg, serve, learner
         self.ctx = context or zmq.Context.instance()
-        manifests = {m: load_manifest(m, cfg.model_dir, build="missing") for m in MODALITIES}
+        if cfg.model_bundle is not None:
+            ensure_unbundled(cfg.model_bundle, cfg.model_dir)  # ModelFileError names what is wrong
+        manifests = {m: load_manifest(m, cfg.model_dir, build=False if cfg.model_bundle else "missing")
+                     for m in MODALITIES}
         self.dims = {m: [int(t["dim"]) for t in man["taps"]] for m, man in manifests.items()}
         self.fingerprints = {m: fingerprint(man) for m, man in manifests.items()}
         th = serve.backend_threads

@@ -23,6 +23,7 @@ def test_launch_files_load_every_section(name: str) -> None:
     path = LAUNCH / name
     agent = load_config(AgentConfig, path, "agent")
     assert agent.sensors and agent.predictions.startswith("tcp://")
+    assert agent.model_bundle == (Path("models.tar") if name == "robot.toml" else None)
     load_config(ControlConfig, path, "control")
     load_config(ServeConfig, path, "serve")
     load_config(LearnerConfig, path, "learner")
