@@ -49,7 +49,7 @@ demo: venv sysdeps data
 	@test -f state/demo/keys/clients/demo.key_secret || $(BIN)/python -m runtime.keys create demo --dir state/demo/keys
 	$(BIN)/python -m runtime.launch launch/demo.toml
 
-# A robot's install, checked here (needs PyPI; about 4 GB of downloads): a venv of ROBOT_PY that
+# A robot's install, checked here (needs PyPI; two torch installs, several GB of downloads): a venv of ROBOT_PY that
 # already holds ROBOT_TORCH, `pip install .` keeps it, the lower bounds of constraints-lowest.txt
 # install, and the installed package serves from a models bundle and learns (README, robot section).
 ROBOT_PY ?= python3.10

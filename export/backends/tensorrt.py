@@ -3,10 +3,12 @@
 Build: Builder -> create_network(0) (explicit batch is the only mode in TRT 10) -> OnnxParser
 .parse_from_file (every error printed) -> optimisation profile for the dynamic dims ->
 workspace pool limit -> FP16 where the GPU has fast FP16 -> timing cache (loaded, saved back)
--> build_serialized_network. Run: deserialize_cuda_engine, one execution context, torch CUDA
-tensors for input and outputs, set_input_shape / set_tensor_address / execute_async_v3 on a
-non-default torch stream. No pycuda. Until the engine is built (in the background, cached on
-disk) ``extract`` is served by ONNX Runtime. Version differences live in the ``_v_*`` helpers.
+-> build_serialized_network. Run: deserialize_cuda_engine, one execution context,
+set_input_shape / set_tensor_address / execute_async_v3 on a non-default stream, with device
+buffers from cuda-python (:mod:`export.backends.cudart`), so that the serving process stays
+torch-free; where cuda-python is not installed, torch CUDA tensors and a torch stream instead.
+No pycuda. Until the engine is built (in the background, cached on disk) ``extract`` is served
+by ONNX Runtime. Version differences live in the ``_v_*`` helpers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from export.backends import register
+from export.backends import cudart, register
 from export.backends.base import Backend
 from export.engine_cache import BackgroundBuild, BuildProgress, EngineCache, EngineKey
 from export.errors import BackendUnavailableError, EngineBuildError
@@ -138,13 +140,11 @@ def build_engine(onnx_path: Path, manifest: dict[str, Any], cache: EngineCache, 
 
 
 class EngineRunner:
-    """Executes a deserialized engine with torch CUDA tensors on a non-default stream."""
+    """Executes a deserialized engine on a non-default CUDA stream (cuda-python, else torch)."""
 
     def __init__(self, data: bytes, output_names: list[str]) -> None:
         import tensorrt as trt
-        import torch
 
-        self._torch = torch
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
@@ -158,6 +158,17 @@ class EngineRunner:
         if self.inputs != [INPUT_NAME] or sorted(self.outputs) != sorted(output_names):
             raise EngineBuildError(f"engine I/O {self.inputs}->{self.outputs} differs from manifest {output_names}")
         self.outputs = list(output_names)
+        cuda = _cuda()
+        self._torch: Any = None
+        if cuda is not None:
+            self._cuda = cuda
+            self._bufs = cudart.DeviceBuffers(self._cuda)
+            self.stream = self._cuda.stream()
+            self._np = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+            return
+        import torch  # no cuda-python: torch CUDA tensors (the serving process then holds torch)
+
+        self._torch = torch
         self.stream = torch.cuda.Stream()
         self._dtypes = {n: self._torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
 
@@ -169,12 +180,38 @@ class EngineRunner:
             raise EngineBuildError(f"unsupported engine tensor dtype {dt}")
         return table[dt]
 
+    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(INPUT_NAME, shape):
+            raise EngineBuildError(f"input shape {shape} outside the engine's optimisation profile")
+
     def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self._run_torch(x) if self._torch is not None else self._run_cudart(x)
+
+    def _run_cudart(self, x: np.ndarray) -> list[np.ndarray]:
+        cuda = self._cuda
+        inp = np.ascontiguousarray(x, dtype=self._np[INPUT_NAME])
+        self._set_input_shape(tuple(inp.shape))
+        ptr = self._bufs.get(INPUT_NAME, inp.nbytes)
+        cuda.to_device(ptr, inp, self.stream)
+        self.context.set_tensor_address(INPUT_NAME, ptr)
+        outs = []
+        for name in self.outputs:
+            host = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._np[name])
+            dptr = self._bufs.get(name, host.nbytes)
+            self.context.set_tensor_address(name, dptr)
+            outs.append((host, dptr))
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise EngineBuildError("execute_async_v3 failed")
+        for host, dptr in outs:
+            cuda.to_host(host, dptr, self.stream)
+        cuda.synchronize(self.stream)  # inp and the host arrays stay alive until here
+        return [host.astype(np.float32, copy=False) for host, _ in outs]
+
+    def _run_torch(self, x: np.ndarray) -> list[np.ndarray]:
         torch = self._torch
         with torch.cuda.stream(self.stream):
             inp = torch.from_numpy(x).to("cuda", non_blocking=False).to(self._dtypes[INPUT_NAME]).contiguous()
-            if not self.context.set_input_shape(INPUT_NAME, tuple(inp.shape)):
-                raise EngineBuildError(f"input shape {tuple(inp.shape)} outside the engine's optimisation profile")
+            self._set_input_shape(tuple(inp.shape))
             self.context.set_tensor_address(INPUT_NAME, inp.data_ptr())
             outs = []
             for name in self.outputs:
@@ -185,6 +222,45 @@ class EngineRunner:
                 raise EngineBuildError("execute_async_v3 failed")
         self.stream.synchronize()
         return [o.float().cpu().numpy() for o in outs]
+
+
+def _cuda() -> cudart.CudaRuntime | None:
+    """cuda-python's runtime when it is installed and reaches a GPU, else None (then torch is used).
+
+    cuda-python's major version must not be newer than the driver's CUDA (12 on JetPack 6, 13 on
+    JetPack 7); a mismatch shows as cudaErrorInsufficientDriver here, and torch takes over."""
+    rt = cudart.load()
+    if rt is None:
+        return None
+    cuda = cudart.CudaRuntime(rt)
+    try:
+        if cuda.device_count() > 0:
+            return cuda
+    except cudart.CudaError as e:
+        log.warning("cuda-python cannot reach the GPU (%s); TensorRT's buffers fall back to torch", e)
+    return None
+
+
+def _compute_capability() -> str:
+    """The GPU's compute capability ("8.7" on an Orin), for the engine cache key; torch-free if it can be."""
+    cuda = _cuda()
+    if cuda is not None:
+        return cuda.compute_capability(0)
+    import torch
+
+    return "{}.{}".format(*torch.cuda.get_device_capability())
+
+
+def _cuda_device_visible() -> tuple[bool, str]:
+    if _cuda() is not None:
+        return True, ""
+    try:
+        import torch
+    except ImportError:
+        return False, "no GPU reachable through cuda-python, and torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    return True, ""
 
 
 @register
@@ -199,10 +275,9 @@ class TensorRTBackend(Backend):
         if not ok:
             raise BackendUnavailableError(why)
         import tensorrt as trt
-        import torch
 
         self.onnx_path = verify_files(manifest, model_dir)
-        cc = "{}.{}".format(*torch.cuda.get_device_capability())
+        cc = _compute_capability()
         flags = (("fp16",) if fp16 else ()) + (f"ws={WORKSPACE_MIB}MiB", f"max_batch={max_batch}")
         self.key = EngineKey(trt_version=trt.__version__, compute_capability=cc,
                              onnx_sha256=manifest["content_hash"], flags=flags)
@@ -233,11 +308,7 @@ class TensorRTBackend(Backend):
             import tensorrt  # noqa: F401
         except ImportError as e:
             return False, f"tensorrt not importable ({e})"
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "no CUDA device visible to torch"
-        return True, ""
+        return _cuda_device_visible()
 
     @property
     def ready(self) -> bool:
