@@ -17,6 +17,7 @@ as they were. The index is copied into the models folder: :func:`ensure_unbundle
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -42,6 +43,7 @@ BUNDLE_FORMAT = 1
 INDEX_NAME = "bundle.json"
 MODALITIES = ("audio", "image", "imu")
 MAX_INDEX_BYTES = 1 << 20
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ def _open(path: Path) -> tarfile.TarFile:
 def _read_index(path: Path, tar: tarfile.TarFile) -> BundleInfo:
     try:
         first = tar.next()
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, OSError) as e:  # Python 3.10 raises OSError on an all-zero file
         raise ModelFileError(path, f"models bundle is truncated or corrupt: {e}") from e
     if first is None or first.name != INDEX_NAME or not first.isfile() or first.size > MAX_INDEX_BYTES:
         raise ModelFileError(path, f"models bundle does not start with its index {INDEX_NAME}")
@@ -199,6 +201,10 @@ def _extract(path: Path, tar: tarfile.TarFile, info: BundleInfo, scratch: Path) 
                 raise ModelFileError(path, f"bundle member {name!r}: sha256 {h.hexdigest()[:12]} does not match the "
                                            f"index {want['sha256'][:12]} (corrupt or tampered)")
             seen.add(name)
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:  # the scratch folder, not the bundle: say so as it is
+            raise
+        raise ModelFileError(path, f"models bundle is truncated or corrupt: {e}") from e
     except (tarfile.TarError, EOFError) as e:
         raise ModelFileError(path, f"models bundle is truncated or corrupt: {e}") from e
     missing = sorted(set(info.files) - seen)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(scfg.gil_switch_s)
     try:
         agent = Agent(cfg, ccfg, scfg, lcfg)
-    except ExportError as exc:  # a missing, corrupt or refused model or bundle: one line, not a traceback
+    except (ExportError, OSError) as exc:  # a missing, corrupt or refused model or bundle: one line, not a traceback
         log.error("cannot serve: %s", exc)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
