@@ -185,6 +185,13 @@ def start_publisher(root: Path, name: str, endpoint: str, *, topics: tuple[str, 
     return Proc(f"pub-{name}", ["-m", "sensors.datasets.publish", "--config", str(cfg)], root / f"pub-{name}.log")
 
 
+def maps_library(pid: int, needle: str) -> bool:
+    """Whether a shared library whose path contains ``needle`` is mapped into process ``pid``
+    (``"libtorch"``: torch was imported). OSError when the process is gone."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any(needle in line for line in f)
+
+
 def proc_rss_mb(pid: int) -> float:
     """Resident memory of a process (MB); nan when it is gone."""
     try:

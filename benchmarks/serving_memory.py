@@ -31,20 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, Agent, collect_predictions, report, subscribe_predictions
+from benchmarks.harness import REPO, Agent, collect_predictions, maps_library, report, subscribe_predictions
 from benchmarks.reliability import Sensors, fresh_setup
 from export.bundle import make_bundle
 
 log = logging.getLogger("benchmarks.serving_memory")
 VARIANTS = {"without_torch": (), "with_torch": ("torch",)}
-
-
-def _mapped(pid: int, needle: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return any(needle in line for line in f)
-    except OSError:
-        return False
 
 
 def _sample(agent: Agent, seconds: float) -> list[float]:
@@ -67,7 +59,7 @@ def run_variant(root: Path, sensors: Sensors, bundle: Path, name: str, seconds: 
         sub = subscribe_predictions(setup.pred_ep)
         preds = collect_predictions(sub, 2.0, 60)
         sub.close(0)
-        torch_mapped = _mapped(agent.proc.pid, "libtorch")
+        torch_mapped = maps_library(agent.proc.pid, "libtorch")  # still serving here
     finally:
         agent.stop()
     return {"rss_mb": {"serving": round(max(serving), 1), "learned": round(max(learned), 1),

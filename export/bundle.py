@@ -80,7 +80,7 @@ def make_bundle(model_dir: str | Path, dest: str | Path) -> BundleInfo:
     model_dir, dest = Path(model_dir), Path(dest)
     manifests, names = _model_files(model_dir)
     for name in names:
-        if "/" in name or name in ("", ".", "..", INDEX_NAME):
+        if not _safe_name(name):
             raise ModelFileError(model_dir / name, "a manifest names a file outside the models folder")
     files = {n: {"size": (model_dir / n).stat().st_size, "sha256": sha256_file(model_dir / n)} for n in names}
     index = {"format": BUNDLE_FORMAT, "created_unix": round(time.time(), 3), "files": files,
@@ -98,6 +98,11 @@ def make_bundle(model_dir: str | Path, dest: str | Path) -> BundleInfo:
 
     atomic_write(dest, write)
     return BundleInfo(dest, hashlib.sha256(raw).hexdigest(), files, index)
+
+
+def _safe_name(name: object) -> bool:
+    """A plain file name inside the models folder: no separator, no ``.``/``..``, not the index."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", "..", INDEX_NAME)
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -118,7 +123,7 @@ def _parse_index(path: Path, raw: bytes) -> BundleInfo:
     if not isinstance(files, dict) or not files:
         raise ModelFileError(path, "bundle index lists no files")
     for name, meta in files.items():
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..", INDEX_NAME):
+        if not _safe_name(name):
             raise ModelFileError(path, f"bundle index names an unsafe path {name!r}")
         if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)):
             raise ModelFileError(path, f"bundle index entry {name!r} lacks size or sha256")

