@@ -8,14 +8,18 @@ bounded; a process's output goes to a log file beside its config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,22 @@ def save_figure(fig: Any, name: str) -> Path:
     fig.savefig(RESULTS / name, dpi=110)
     plt.close(fig)
     return RESULTS / name
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A run's keys, configs, state and process logs under the system temp folder.
+
+    Removed when the run ends normally, kept and named on stderr when it raises: the agent's
+    log in it is what explains a failed run, and a clean run should not leave ~60 MB behind.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    except BaseException:
+        print(f"run files kept for inspection: {root}", file=sys.stderr)
+        raise
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def report(name: str, res: dict[str, Any]) -> None:

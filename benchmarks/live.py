@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from benchmarks.harness import (
     proc_rss_mb,
     report,
     save_figure,
+    scratch_dir,
     start_publisher,
 )
 from benchmarks.pipeline import pct
@@ -79,9 +79,14 @@ class RssSampler:
         self._thread.join(2.0)
 
 
-def run(*, tasks: int, teach_s: float, reps: int, final_reps: int, dwell_s: float, settle_s: float,
-        seed: int, learner: dict[str, Any] | None = None, serve: dict[str, Any] | None = None) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="continua-live-"))
+def run(**kw: Any) -> dict[str, Any]:
+    """One live run (keyword arguments as ``_run``) in a scratch folder of its own."""
+    with scratch_dir("continua-live-") as root:
+        return _run(root, **kw)
+
+
+def _run(root: Path, *, tasks: int, teach_s: float, reps: int, final_reps: int, dwell_s: float, settle_s: float,
+         seed: int, learner: dict[str, Any] | None = None, serve: dict[str, Any] | None = None) -> dict[str, Any]:
     kdir = make_keys(root)
     sensors, scene_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     pub = start_publisher(root, "all", sensors, classes=tuple(range(10)), truth=True, dwell_s=dwell_s, seed=seed,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from benchmarks.harness import (
     proc_rss_mb,
     report,
     save_figure,
+    scratch_dir,
     start_publisher,
 )
 
@@ -126,7 +126,11 @@ def _lat(preds: list[dict[str, Any]], key: str) -> list[float]:
 
 def run(seconds: float, backend: str) -> dict[str, Any]:
     bare = bare_backbones()
-    root = Path(tempfile.mkdtemp(prefix="continua-pipeline-"))
+    with scratch_dir("continua-pipeline-") as root:
+        return _run(root, bare, seconds, backend)
+
+
+def _run(root: Path, bare: dict[str, list[float]], seconds: float, backend: str) -> dict[str, Any]:
     kdir = make_keys(root)
     sensors = f"tcp://127.0.0.1:{free_port()}"
     pub = start_publisher(root, "all", sensors, classes=tuple(range(10)))

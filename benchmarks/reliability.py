@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import zmq
 
-from benchmarks.harness import (  # noqa: F401  (the tests import the harness from here too)
+from benchmarks.harness import (
     REPO,
     SLOW_SAVE_ENV,
     Agent,
@@ -49,9 +49,9 @@ from benchmarks.harness import (  # noqa: F401  (the tests import the harness fr
     collect_predictions,
     free_port,
     make_keys,
+    scratch_dir,
     start_publisher,
     subscribe_predictions,
-    write_toml,
 )
 from runtime import keys
 from runtime.checkpoints import CheckpointStore
@@ -398,66 +398,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     print(f"config: {vars(args)}", file=sys.stderr)
-    root = Path(tempfile.mkdtemp(prefix="continua-reliability-"))
-    sensors = Sensors(root)
-    res: dict[str, Any] = {"crashes": 0}
-    try:
-        base = make_baseline(root, sensors, tasks=1)
-        print("kill loop...", file=sys.stderr)
-        loop = kill_loop(fresh_setup(root, sensors, base["v1"], "loop"), restarts=args.restarts, seed=int(time.time()),
-                         progress=lambda i, a, p, ok: print(f"  restart {i + 1}: {a} ({p}) ok={ok}", file=sys.stderr))
-        res.update(restarts=loop["restarts"], committed_states_verified=loop["verified"],
-                   states_lost=loop["states_lost"], kill_actions=loop["actions"], kill_phases=loop["phases"])
-        setup = fresh_setup(root, sensors, base["v1"], "serve", flood=True)
-        agent = Agent(setup, tag="serve-agent")
-        agent.wait_ready(90)
-        sub = subscribe_predictions(setup.pred_ep)
-        collect_predictions(sub, 2.0)
-        clean = collect_predictions(sub, 10.0)
-        print("flood...", file=sys.stderr)
-        before = agent.status()["intake"]["invalid"]
-        out: dict[str, Any] = {}
-        corpus = malformed_corpus(20_000, seed=2)
-        th = threading.Thread(target=lambda: out.update(sent=flood(sensors.flood_ep, corpus, seconds=args.flood_seconds,
-                                                                     rate_hz=args.flood_rate)))
-        th.start()
-        time.sleep(2.0)
-        flooded = collect_predictions(sub, max(2.0, args.flood_seconds - 4.0))
-        th.join(600)
-        sent = sum(out["sent"].values())
-        end = time.monotonic() + 300
-        while time.monotonic() < end and sum(agent.status()["intake"]["invalid"].values()) - sum(before.values()) < sent:
-            time.sleep(1.0)
-        after = agent.status()["intake"]["invalid"]
-        counted = sum(after.values()) - sum(before.values())
-        res["crashes"] += int(not agent.proc.alive())
-        res.update(malformed_tried=sent, malformed_counted=counted, malformed_by_reason=out["sent"],
-                   flood_rate_hz=args.flood_rate, p99_latency_ms_clean=_p99(clean), p99_latency_ms_flood=_p99(flooded),
-                   predictions_per_s_clean=round(len(clean) / 10.0, 1),
-                   predictions_per_s_flood=round(len(flooded) / max(2.0, args.flood_seconds - 4.0), 1))
-        print("unauthenticated control flood...", file=sys.stderr)
-        v0 = agent.status()["model_version"]
-        ua = unauth_flood(setup, root, requests=20_000)
-        res.update(unauth_requests_tried=ua["tried"], unauth_requests_accepted=ua["accepted"])
-        res["crashes"] += int(not agent.proc.alive() or agent.status()["model_version"] != v0)
-        print(f"soak {args.minutes} min...", file=sys.stderr)
-        t0 = time.monotonic()
-        series: list[tuple[float, float]] = []
-        while time.monotonic() - t0 < args.minutes * 60:
-            series.append((time.monotonic() - t0, agent.proc.rss_mb()))
+    with scratch_dir("continua-reliability-") as root:
+        sensors = Sensors(root)
+        res: dict[str, Any] = {"crashes": 0}
+        try:
+            base = make_baseline(root, sensors, tasks=1)
+            print("kill loop...", file=sys.stderr)
+            loop = kill_loop(fresh_setup(root, sensors, base["v1"], "loop"), restarts=args.restarts, seed=int(time.time()),
+                             progress=lambda i, a, p, ok: print(f"  restart {i + 1}: {a} ({p}) ok={ok}", file=sys.stderr))
+            res.update(restarts=loop["restarts"], committed_states_verified=loop["verified"],
+                       states_lost=loop["states_lost"], kill_actions=loop["actions"], kill_phases=loop["phases"])
+            setup = fresh_setup(root, sensors, base["v1"], "serve", flood=True)
+            agent = Agent(setup, tag="serve-agent")
+            agent.wait_ready(90)
+            sub = subscribe_predictions(setup.pred_ep)
+            collect_predictions(sub, 2.0)
+            clean = collect_predictions(sub, 10.0)
+            print("flood...", file=sys.stderr)
+            before = agent.status()["intake"]["invalid"]
+            out: dict[str, Any] = {}
+            corpus = malformed_corpus(20_000, seed=2)
+            th = threading.Thread(target=lambda: out.update(sent=flood(sensors.flood_ep, corpus, seconds=args.flood_seconds,
+                                                                         rate_hz=args.flood_rate)))
+            th.start()
             time.sleep(2.0)
-        soak_preds = collect_predictions(sub, 5.0)
-        sub.close(0)
-        warm = [r for t, r in series if t >= min(30.0, args.minutes * 30)]
-        res.update(soak_minutes=args.minutes, rss_mb_start=round(warm[0], 1), rss_mb_end=round(series[-1][1], 1),
-                   rss_growth_mb=round(max(r for _, r in series[-5:]) - warm[0], 1),
-                   soak_p99_latency_ms=_p99(soak_preds))
-        res["crashes"] += int(not agent.proc.alive())
-        agent.stop()
-        args.out.mkdir(parents=True, exist_ok=True)
-        _plot(series, args.out / "reliability_rss.png")
-    finally:
-        sensors.stop()
+            flooded = collect_predictions(sub, max(2.0, args.flood_seconds - 4.0))
+            th.join(600)
+            sent = sum(out["sent"].values())
+            end = time.monotonic() + 300
+            while time.monotonic() < end and sum(agent.status()["intake"]["invalid"].values()) - sum(before.values()) < sent:
+                time.sleep(1.0)
+            after = agent.status()["intake"]["invalid"]
+            counted = sum(after.values()) - sum(before.values())
+            res["crashes"] += int(not agent.proc.alive())
+            res.update(malformed_tried=sent, malformed_counted=counted, malformed_by_reason=out["sent"],
+                       flood_rate_hz=args.flood_rate, p99_latency_ms_clean=_p99(clean), p99_latency_ms_flood=_p99(flooded),
+                       predictions_per_s_clean=round(len(clean) / 10.0, 1),
+                       predictions_per_s_flood=round(len(flooded) / max(2.0, args.flood_seconds - 4.0), 1))
+            print("unauthenticated control flood...", file=sys.stderr)
+            v0 = agent.status()["model_version"]
+            ua = unauth_flood(setup, root, requests=20_000)
+            res.update(unauth_requests_tried=ua["tried"], unauth_requests_accepted=ua["accepted"])
+            res["crashes"] += int(not agent.proc.alive() or agent.status()["model_version"] != v0)
+            print(f"soak {args.minutes} min...", file=sys.stderr)
+            t0 = time.monotonic()
+            series: list[tuple[float, float]] = []
+            while time.monotonic() - t0 < args.minutes * 60:
+                series.append((time.monotonic() - t0, agent.proc.rss_mb()))
+                time.sleep(2.0)
+            soak_preds = collect_predictions(sub, 5.0)
+            sub.close(0)
+            warm = [r for t, r in series if t >= min(30.0, args.minutes * 30)]
+            res.update(soak_minutes=args.minutes, rss_mb_start=round(warm[0], 1), rss_mb_end=round(series[-1][1], 1),
+                       rss_growth_mb=round(max(r for _, r in series[-5:]) - warm[0], 1),
+                       soak_p99_latency_ms=_p99(soak_preds))
+            res["crashes"] += int(not agent.proc.alive())
+            agent.stop()
+            args.out.mkdir(parents=True, exist_ok=True)
+            _plot(series, args.out / "reliability_rss.png")
+        finally:
+            sensors.stop()
     (args.out / "reliability.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0 if res["states_lost"] == 0 and res["crashes"] == 0 and res["unauth_requests_accepted"] == 0 else 1
