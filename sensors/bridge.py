@@ -14,6 +14,7 @@ become rgb8 unless ``--no-to-rgb``; JPEGs are decoded to rgb8 with OpenCV unless
 ``--keep-jpeg``), stamps it on receipt (imagezmq carries no time), uses the imagezmq text
 as ``frame_id`` and republishes it with our ``Publisher`` (which assigns sequence numbers).
 Malformed frames are counted by reason and skipped: the bridge never crashes on input.
+``curve_secret_key``/``curve_allow_dir`` put CurveZMQ on the republished side (``sensors.curve``).
 REQ/REP senders (the imagezmq default) are not supported: they block on a reply per frame.
 """
 
@@ -33,7 +34,8 @@ import numpy as np
 import zmq
 
 from sensors.config import cli_config
-from sensors.errors import WireError
+from sensors.curve import server_from
+from sensors.errors import CurveKeyError, WireError
 from sensors.mcap_io import jpeg_size
 from sensors.publish import stop_on_signals
 from sensors.transport import Publisher
@@ -55,6 +57,8 @@ class ImageZmqBridgeConfig:
     max_frames: int = 0  # stop after this many published frames; 0 = no limit
     seconds: float = 0.0  # 0 = until a signal
     log_every_s: float = 5.0
+    curve_secret_key: str = ""  # CurveZMQ on the wire-format side: our NAME.key_secret ("" = plain)
+    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
         if not self.connect:
@@ -88,10 +92,11 @@ class ImageZmqBridge:
                 self._cv2 = cv2
             except ImportError:
                 log.warning(
-                    "OpenCV missing (pip install 'continua[imagezmq]'): JPEG frames are forwarded as jpeg"
+                    "OpenCV missing (pip install 'continua-robot[imagezmq]'): JPEG frames are forwarded as jpeg"
                 )
         ctx = context if context is not None else zmq.Context.instance()
-        self.publisher = Publisher(cfg.publish, sndhwm=cfg.sndhwm, context=ctx)
+        self.publisher = Publisher(cfg.publish, sndhwm=cfg.sndhwm, context=ctx,
+                                   curve=server_from(cfg.curve_secret_key, cfg.curve_allow_dir))
         self.endpoint = self.publisher.endpoint
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -251,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     stop = threading.Event()
-    with stop_on_signals(stop), ImageZmqBridge(cfg) as bridge:
+    try:
+        bridge = ImageZmqBridge(cfg)
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    with stop_on_signals(stop), bridge:
         log.info("bridging imagezmq %s -> %s topic %r", cfg.connect, bridge.endpoint, cfg.topic)
         summary = bridge.run(stop)
     print(json.dumps(summary, sort_keys=True))

@@ -27,3 +27,7 @@ class DeviceNotAvailableError(RuntimeError):
 
 class DatasetNotPreparedError(FileNotFoundError):
     """Offline demo data has not been prepared yet (run ``make data``)."""
+
+
+class CurveKeyError(ValueError):
+    """A CurveZMQ key file for a sensor stream that is missing, unreadable or holds no key."""

@@ -10,7 +10,10 @@ comes first. Reads every message (``LosslessReader``) so the counts are exact. L
 receive time minus ``stamp_ns`` (both ``time.time_ns()``; across machines it includes the
 clock offset). With ``--json`` the last stdout line is one JSON object:
 ``{"<topic>": {"count", "rate_hz", "drops", "restarts", "kind", "last_seq", "bytes",
-"latency_ms": {"p50", "p99", "max"}}, ..., "invalid": {"<reason>": n}}``.
+"latency_ms": {"p50", "p99", "max"}}, ..., "invalid": {"<reason>": n}, "skipped": {"<topic>": n},
+"overflow": {"<topic>": n}}``. ``skipped``: side topics that are not wire format (the demo
+publishers' ``truth``, ``skip_topics``), skipped by name; ``overflow``: messages dropped oldest
+at the reader's byte budget. ``--curve-key ENDPOINT=KEYFILE`` listens to a CurveZMQ publisher.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from sensors.config import cli_config
+from sensors.curve import client_from, parse_endpoint_keys
+from sensors.errors import CurveKeyError
 from sensors.publish import stop_on_signals
 from sensors.transport import LosslessReader
 from sensors.wire import Audio, Image, Imu, Message
@@ -35,6 +40,7 @@ from sensors.wire import Audio, Image, Imu, Message
 log = logging.getLogger(__name__)
 
 MAX_LATENCIES = 100_000  # per topic, newest kept
+_NOT_TOPICS = ("invalid", "skipped", "overflow")  # keys of the result beside the topics
 
 
 @dataclass(kw_only=True)
@@ -45,6 +51,10 @@ class InspectConfig:
     seconds: float = 5.0  # stop after this long; 0 = no limit (then --count is needed)
     echo: bool = False
     json: bool = False
+    skip_topics: list[str] = field(default_factory=lambda: ["truth"])  # not wire format: skipped, not invalid
+    queue_bytes: int = 256 << 20
+    curve_publisher_keys: dict[str, Any] = field(default_factory=dict)  # endpoint -> publisher key file(s)
+    curve_secret_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.connect:
@@ -120,7 +130,10 @@ def inspect(cfg: InspectConfig, stop: threading.Event, out: Any = None) -> dict[
     per_topic: dict[str, _TopicStats] = {}
     total = 0
     t0 = time.monotonic()
-    with LosslessReader(cfg.connect, cfg.topics or None) as reader:
+    curve = client_from(cfg.curve_publisher_keys, cfg.curve_secret_key, cfg.connect)
+    with LosslessReader(cfg.connect, cfg.topics or None, max_bytes=cfg.queue_bytes,
+                        max_message_bytes=min(cfg.queue_bytes, 32 << 20), skip_topics=cfg.skip_topics,
+                        curve=curve) as reader:
         while not stop.is_set():
             remaining_s = cfg.seconds - (time.monotonic() - t0) if cfg.seconds else 0.1
             if remaining_s <= 0:
@@ -141,6 +154,8 @@ def inspect(cfg: InspectConfig, stop: threading.Event, out: Any = None) -> dict[
         for topic, ts in sorted(per_topic.items())
     }
     result["invalid"] = dict(st.invalid)
+    result["skipped"] = dict(st.skipped)
+    result["overflow"] = dict(st.overflow)
     return result
 
 
@@ -149,7 +164,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'topic':<20} {'kind':<6} {'count':>7} {'rate_hz':>9} {'drops':>6} {'restarts':>8} {'lat p50 ms':>10} {'lat p99 ms':>10}"
     ]
     for topic, s in result.items():
-        if topic == "invalid":
+        if topic in _NOT_TOPICS:
             continue
         lat = s["latency_ms"]
         lines.append(
@@ -160,7 +175,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("(no valid messages)")
     inv = result.get("invalid", {})
     lines.append(f"invalid: {sum(inv.values())} {inv if inv else ''}".rstrip())
+    for key in ("skipped", "overflow"):
+        if result.get(key):
+            lines.append(f"{key}: {sum(result[key].values())} {result[key]}")
     return "\n".join(lines)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,19 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds (default 5)")
     parser.add_argument("--echo", action="store_true", default=None, help="print one line per message")
     parser.add_argument("--json", action="store_true", default=None, help="last stdout line: one JSON object")
+    parser.add_argument("--curve-key", action="append", default=None, metavar="ENDPOINT=KEYFILE",
+                        help="accept only this publisher at ENDPOINT (CurveZMQ; repeatable)")
     parser.add_argument("--config", default=None, help="TOML file with an [inspect] table")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        keys = parse_endpoint_keys(args.curve_key)
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     cfg = cli_config(
         InspectConfig, args, "inspect",
         connect=args.connect, topics=args.topics, count=args.count, seconds=args.seconds,
-        echo=args.echo, json=args.json,
+        echo=args.echo, json=args.json, curve_publisher_keys=keys,
     )  # fmt: skip
     if cfg is None:
         return 2
     stop = threading.Event()
-    with stop_on_signals(stop):
-        result = inspect(cfg, stop, out=sys.stdout)
+    try:
+        with stop_on_signals(stop):
+            result = inspect(cfg, stop, out=sys.stdout)
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result))
     if cfg.json:
         print(json.dumps(result, sort_keys=True))

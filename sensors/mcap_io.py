@@ -41,7 +41,7 @@ from mcap.reader import make_reader
 from mcap.writer import CompressionType, Writer
 
 from sensors.errors import WireError
-from sensors.wire import AUDIO_FORMATS, IMAGE_ENCODINGS, Audio, Image, Imu, Message
+from sensors.wire import AUDIO_FORMATS, IMAGE_ENCODINGS, MAX_IMU_BATCH, Audio, Image, Imu, Message
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,9 @@ class McapReader:
     """Iterates an MCAP file back as wire messages, in file (= recording) order.
 
     Records it cannot map (other schemas, encodings such as png or 16UC1, corrupt CDR) are
-    skipped and counted in ``skipped[reason]``.
+    skipped and counted in ``skipped[reason]``. Bounded: an IMU batch being regrouped holds at
+    most ``MAX_IMU_BATCH`` samples (a file whose records all share one key is split, not
+    gathered into memory whole), and records come one chunk at a time from the mcap reader.
     """
 
     def __init__(self, path: str | Path, topics: Iterable[str] | None = None) -> None:
@@ -402,7 +404,7 @@ class McapReader:
                 name = schema.name if schema is not None else ""
                 if name == "sensor_msgs/msg/Imu" and channel.message_encoding == "cdr":
                     key = (channel.id, record.sequence, record.publish_time)
-                    if pending and key != pending_key:
+                    if pending and (key != pending_key or len(pending) >= MAX_IMU_BATCH):
                         yield _imu_batch(pending)
                         pending = []
                     try:

@@ -8,7 +8,8 @@ Timing: message i goes out at start + (stamp_i - stamp_0) / rate, or back to bac
 ``--fast``. By default each message is re-stamped to the time it is sent (IMU samples are
 shifted by the same offset) so that downstream latency checks and time sync treat the
 replay as a live sensor; ``--keep-stamps`` keeps the recorded stamps. Sequence numbers are
-assigned afresh by the publisher. The last stdout line is a JSON summary.
+assigned afresh by the publisher. The last stdout line is a JSON summary. ``curve_secret_key``
+/ ``curve_allow_dir``: publish with CurveZMQ, as ``sensors.publish`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from sensors.config import cli_config
+from sensors.curve import server_from
+from sensors.errors import CurveKeyError
 from sensors.mcap_io import Player
 from sensors.publish import stop_on_signals
 from sensors.transport import Publisher
@@ -45,6 +48,8 @@ class PlayConfig:
     wait_subscribers: int = 0
     wait_timeout_s: float = 10.0
     linger_s: float = 0.5
+    curve_secret_key: str = ""  # CurveZMQ: this publisher's NAME.key_secret ("" = plain)
+    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
         if not self.file:
@@ -69,7 +74,8 @@ def play(cfg: PlayConfig, stop: threading.Event) -> dict[str, Any]:
         restamp=not cfg.keep_stamps,
         stop=stop,
     )
-    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm) as pub:
+    curve = server_from(cfg.curve_secret_key, cfg.curve_allow_dir)
+    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=curve) as pub:
         log.info("playing %s on %s", cfg.file, pub.endpoint)
         if cfg.wait_subscribers and not pub.wait_for_subscribers(cfg.wait_subscribers, cfg.wait_timeout_s):
             log.warning(
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals(stop):
             summary = play(cfg, stop)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CurveKeyError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
     print(json.dumps(summary, sort_keys=True))

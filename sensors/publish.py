@@ -5,10 +5,13 @@
     python -m sensors.publish imu --endpoint tcp://*:5557 --port /dev/ttyUSB0 --baudrate 115200
     python -m sensors.publish imu --endpoint tcp://*:5557 --file imu.csv --max-rate-hz 10 --wait-subscribers 1
     python -m sensors.publish camera --config robot.toml   # [publish] and [camera] tables
+    python -m sensors.publish camera --endpoint tcp://*:5555 --curve-secret-key keys/sensors/camera.key_secret
 
 Every driver option (``--device``, ``--file``, ``--batch``...) comes from the driver's config
 dataclass, so the CLI, TOML and code cannot drift. A finite source (video or CSV file,
-closed pipe) ends the run; the last stdout line is a JSON summary.
+closed pipe) ends the run; the last stdout line is a JSON summary. With ``curve_secret_key``
+the publisher is a CurveZMQ server (``sensors.curve``): subscribers must know its public key,
+and with ``curve_allow_dir`` only the subscriber keys in that directory are let in.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sensors.config import ConfigError, format_config, load_config
+from sensors.curve import server_from
 from sensors.drivers import DRIVERS
-from sensors.errors import DeviceNotAvailableError
+from sensors.errors import CurveKeyError, DeviceNotAvailableError
 from sensors.transport import Publisher
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,8 @@ class PublishConfig:
     seconds: float = 0.0
     log_every_s: float = 5.0
     linger_s: float = 0.5
+    curve_secret_key: str = ""  # CurveZMQ: this publisher's NAME.key_secret ("" = plain)
+    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
         for name in ("sndhwm", "wait_subscribers", "max_messages"):
@@ -111,7 +117,8 @@ def run(driver_name: str, cfg: PublishConfig, driver_cfg: Any, stop: threading.E
     topic = cfg.topic or driver.default_topic
     published = 0
     t0 = time.monotonic()
-    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm) as pub, driver:
+    curve = server_from(cfg.curve_secret_key, cfg.curve_allow_dir)
+    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=curve) as pub, driver:
         log.info("publishing %s on %s topic %r", driver_name, pub.endpoint, topic)
         if cfg.wait_subscribers and not pub.wait_for_subscribers(
             cfg.wait_subscribers, cfg.wait_timeout_s, topic=topic
@@ -200,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceNotAvailableError as exc:
         print(f"device not available: {exc}", file=sys.stderr)
         return 3
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, sort_keys=True))
     return 0
 

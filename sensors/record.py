@@ -2,11 +2,17 @@
 
     python -m sensors.record --connect tcp://robot:5555 --connect tcp://robot:5556 --out run1.mcap
     python -m sensors.record --connect tcp://127.0.0.1:5557 --topic imu --seconds 60 --out imu.mcap
+    python -m sensors.record --connect tcp://robot:5556 --curve-key tcp://robot:5556=keys/sensors/camera.key
 
 Why ``LosslessReader``: a recording is training data, so every message is read in order
-(unbounded receive queue) instead of newest-only; sequence gaps that still happen upstream
-(a publisher's own send HWM) are reported as drops in the summary. Stops on SIGINT/SIGTERM,
-after ``--seconds`` or ``--max-messages``; the last stdout line is a JSON summary.
+instead of newest-only, within a byte budget (``queue_bytes``): a disk slower than the
+sensors drops the oldest queued messages (``overflow`` in the summary) instead of growing
+memory without bound; sequence gaps that happen upstream (a publisher's own send HWM) are
+``drops``. Side topics that are not wire format (the demo publishers' ``truth``) are skipped
+by name (``skip_topics``) and reported as ``skipped``, not as invalid. With
+``curve_publisher_keys`` (endpoint -> publisher key file, ``sensors.curve``) only those
+publishers are heard. Stops on SIGINT/SIGTERM, after ``--seconds`` or ``--max-messages``; the
+last stdout line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sensors.config import cli_config
-from sensors.errors import WireError
+from sensors.curve import client_from, parse_endpoint_keys
+from sensors.errors import CurveKeyError, WireError
 from sensors.mcap_io import Recorder
 from sensors.publish import stop_on_signals
 from sensors.transport import LosslessReader
@@ -39,6 +46,11 @@ class RecordConfig:
     max_messages: int = 0  # 0 = unlimited
     compression: str = "zstd"
     log_every_s: float = 5.0
+    skip_topics: list[str] = field(default_factory=lambda: ["truth"])  # not wire format: skipped, not invalid
+    queue_bytes: int = 256 << 20  # messages read but not yet written, at most (oldest dropped beyond)
+    max_message_bytes: int = 32 << 20  # a larger message is dropped unread (invalid "message_size")
+    curve_publisher_keys: dict[str, Any] = field(default_factory=dict)  # endpoint -> publisher key file(s)
+    curve_secret_key: str = ""  # this recorder's key pair ("" = a fresh one)
 
     def __post_init__(self) -> None:
         if not self.connect:
@@ -53,6 +65,10 @@ class RecordConfig:
             raise ValueError(f"compression must be zstd, lz4 or none, got {self.compression!r}")
         if self.log_every_s <= 0:
             raise ValueError(f"log_every_s must be > 0, got {self.log_every_s}")
+        if not 0 < self.max_message_bytes <= self.queue_bytes:
+            raise ValueError(
+                f"need 0 < max_message_bytes <= queue_bytes, got {self.max_message_bytes}, {self.queue_bytes}"
+            )
 
 
 def record(cfg: RecordConfig, stop: threading.Event) -> dict[str, Any]:
@@ -60,8 +76,10 @@ def record(cfg: RecordConfig, stop: threading.Event) -> dict[str, Any]:
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     total, unwritable = 0, 0
+    curve = client_from(cfg.curve_publisher_keys, cfg.curve_secret_key, cfg.connect)
     with (
-        LosslessReader(cfg.connect, cfg.topics or None) as reader,
+        LosslessReader(cfg.connect, cfg.topics or None, max_bytes=cfg.queue_bytes,
+                       max_message_bytes=cfg.max_message_bytes, skip_topics=cfg.skip_topics, curve=curve) as reader,
         Recorder(cfg.out, compression=cfg.compression) as rec,
     ):
         last_log = t0
@@ -84,12 +102,14 @@ def record(cfg: RecordConfig, stop: threading.Event) -> dict[str, Any]:
             if now - last_log >= cfg.log_every_s:
                 st = reader.stats()
                 log.info(
-                    "recorded %d messages %s; rate %s; drops %s; invalid %s",
+                    "recorded %d messages %s; rate %s; drops %s; overflow %s; invalid %s; skipped %s",
                     total,
                     dict(rec.counts),
                     st.rate_hz,
                     st.drops,
+                    st.overflow,
                     st.invalid,
+                    st.skipped,
                 )
                 last_log = now
         st = reader.stats()
@@ -103,6 +123,10 @@ def record(cfg: RecordConfig, stop: threading.Event) -> dict[str, Any]:
         "drops": st.drops,
         "restarts": st.restarts,
         "invalid": st.invalid,
+        "skipped": st.skipped,
+        "overflow": st.overflow,
+        "peak_queued_bytes": st.peak_queued_bytes,
+        "link": st.link,
         "unwritable": unwritable,
         "seconds": round(time.monotonic() - t0, 3),
     }
@@ -122,19 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--max-messages", type=int, default=None)
     parser.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None)
+    parser.add_argument("--curve-key", action="append", default=None, metavar="ENDPOINT=KEYFILE",
+                        help="accept only this publisher at ENDPOINT (CurveZMQ; repeatable)")
     parser.add_argument("--config", default=None, help="TOML file with a [record] table")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        keys = parse_endpoint_keys(args.curve_key)
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     cfg = cli_config(
         RecordConfig, args, "record",
         connect=args.connect, out=args.out, topics=args.topics, seconds=args.seconds,
-        max_messages=args.max_messages, compression=args.compression,
+        max_messages=args.max_messages, compression=args.compression, curve_publisher_keys=keys,
     )  # fmt: skip
     if cfg is None:
         return 2
     stop = threading.Event()
-    with stop_on_signals(stop):
-        summary = record(cfg, stop)
+    try:
+        with stop_on_signals(stop):
+            summary = record(cfg, stop)
+    except CurveKeyError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -5,11 +5,16 @@ while pixels, PCM and IMU samples travel as raw buffers that ZeroMQ sends withou
 that the receiver wraps as read-only numpy views. Nothing is ever pickled. Field names and
 units follow ROS 2 ``sensor_msgs`` (Image, Imu) so that bridges are trivial.
 
+The normative specification, written for C++ and ROS 2 implementers, is ``docs/wire.md``;
+this docstring is the short version.
+
 Header (all kinds): ``v`` (int, schema version), ``kind`` ("image" | "audio" | "imu"),
 ``seq`` (uint64, strictly increasing per topic and publisher session), ``stamp_ns``
-(uint64, acquisition time, ``time.time_ns()`` clock), ``frame_id`` (str), ``session``
-(uint64 chosen at random by each publisher instance, so a restarted sensor is recognised
-as a restart and not as millions of dropped frames).
+(uint64, acquisition time, ``time.time_ns()`` clock), ``frame_id`` (str), and the optional
+``session`` (uint64 chosen at random by each publisher instance, so a restarted sensor is
+recognised as a restart and not as millions of dropped frames). A publisher written from the
+ROS-style fields alone leaves ``session`` out: it reads as session 0, and its restarts are
+recognised by ``seq`` going back (``SequenceTracker``).
 
 - image: ``height``, ``width``, ``encoding`` ("rgb8", "bgr8", "mono8", "jpeg"), ``step``
   (bytes per row; 0 for jpeg). One payload frame: the row-major pixels, or the JPEG bytes.
@@ -226,7 +231,7 @@ def decode(frames: Sequence[Any]) -> tuple[str, Message]:
         "seq": header["seq"],
         "stamp_ns": header["stamp_ns"],
         "frame_id": header["frame_id"],
-        "session": header["session"],
+        "session": header.get("session", 0),  # optional: 0 = a publisher that sends none
     }
     if kind == "image":
         _expect_frames(payload, 1)
@@ -277,7 +282,8 @@ def _expect_bytes(buf: memoryview, n: int, spec: str) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-_COMMON = {"v": int, "kind": str, "seq": int, "stamp_ns": int, "frame_id": str, "session": int}
+_COMMON = {"v": int, "kind": str, "seq": int, "stamp_ns": int, "frame_id": str}
+_OPTIONAL = {"session": int}  # absent = 0: restarts are then recognised by seq going back
 _PER_KIND: dict[str, dict[str, type]] = {
     "image": {"height": int, "width": int, "encoding": str, "step": int},
     "audio": {"sample_rate": int, "channels": int, "format": str, "samples": int},
@@ -290,9 +296,11 @@ _PER_KIND: dict[str, dict[str, type]] = {
 }
 
 
-def _check_fields(header: dict[str, Any], spec: dict[str, type]) -> None:
+def _check_fields(header: dict[str, Any], spec: dict[str, type], *, required: bool = True) -> None:
     for key, typ in spec.items():
         if key not in header:
+            if not required:
+                continue
             raise WireError("field_missing", f"header lacks {key!r}")
         value = header[key]
         # bool is an int subclass: reject it where an int is expected.
@@ -309,6 +317,7 @@ def _validate_header(header: Any) -> None:
     if not isinstance(header, dict):
         raise WireError("header_type", f"header must be a map, got {type(header).__name__}")
     _check_fields(header, _COMMON)
+    _check_fields(header, _OPTIONAL, required=False)
     if header["v"] != SCHEMA_VERSION:
         raise WireError("version", f"schema version {header['v']} not supported; this build speaks {SCHEMA_VERSION}")
     kind = header["kind"]
@@ -317,7 +326,7 @@ def _validate_header(header: Any) -> None:
     _check_fields(header, _PER_KIND[kind])
     _in_range("seq", header["seq"], 0, UINT64_MAX)
     _in_range("stamp_ns", header["stamp_ns"], 0, UINT64_MAX)
-    _in_range("session", header["session"], 0, UINT64_MAX)
+    _in_range("session", header.get("session", 0), 0, UINT64_MAX)
     if len(header["frame_id"]) > MAX_FRAME_ID:
         raise WireError("field_range", f"frame_id longer than {MAX_FRAME_ID} characters")
     if kind == "image":
@@ -347,6 +356,12 @@ class SequenceTracker:
 
     A new ``session`` id means the publisher restarted: its ``seq`` starting again from 0
     is a restart, not 2**64 dropped frames. Within a session ``seq`` must increase.
+
+    A publisher without a ``session`` (session 0: one written from the ROS-style header
+    fields alone) is recognised as restarted when its ``seq`` goes back: ZeroMQ delivers one
+    publisher's messages in order and never twice, so an earlier ``seq`` can only come from a
+    new instance (which may have lost its first messages to the slow joiner, so "back" is
+    any smaller value, not only 0). A repeated ``seq`` is still ``seq_order``.
     """
 
     last: dict[str, tuple[int, int]] = field(default_factory=dict)  # topic -> (session, seq)
@@ -356,7 +371,7 @@ class SequenceTracker:
     def update(self, topic: str, session: int, seq: int) -> int:
         """Record a message; return frames dropped just before it. Raises on a repeat."""
         prev = self.last.get(topic)
-        if prev is None or prev[0] != session:
+        if prev is None or prev[0] != session or (session == 0 and seq < prev[1]):
             if prev is not None:
                 self.restarts[topic] = self.restarts.get(topic, 0) + 1
             self.last[topic] = (session, seq)
@@ -368,3 +383,26 @@ class SequenceTracker:
         if gap:
             self.drops[topic] = self.drops.get(topic, 0) + gap
         return gap
+
+
+# --------------------------------------------------------------------------- reason codes
+# Every ``WireError.reason`` a receiver counts in ``invalid`` (decode, SequenceTracker and the
+# receivers' own topic bound). docs/wire.md lists the same codes; a test keeps them equal.
+INVALID_REASONS: dict[str, str] = {
+    "frame_count": "fewer than 3 frames, or the wrong number of payload frames for the kind",
+    "topic": "topic frame empty, longer than 256 bytes or not UTF-8",
+    "frame_type": "a frame that is not a byte buffer (in-process senders only)",
+    "header_size": "header frame longer than 16 KiB",
+    "header_msgpack": "header frame is not valid msgpack",
+    "header_type": "header is not a msgpack map",
+    "field_missing": "a required header field is absent",
+    "field_type": "a header field has the wrong type (bool where an int is expected included)",
+    "version": "v is not a schema version this build speaks",
+    "kind": "kind is not image, audio or imu",
+    "field_range": "a header field outside its range, step != width*channels, or a NaN/inf IMU value",
+    "encoding": "unknown image encoding or audio format",
+    "payload_size": "payload length differs from the header's shape, or a jpeg without the SOI marker",
+    "seq_order": "seq repeats or goes back within one publisher session",
+    "too_many_topics": "more distinct topics than the receiver keeps state for (256)",
+    "message_size": "a message (all frames) larger than the receiver's max_message_bytes",
+}

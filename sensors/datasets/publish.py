@@ -28,7 +28,7 @@ class ``c`` is current:
   -> linear_acceleration, values as shipped by the UEA archive (not gravity-compensated
   physical units).
 - ``truth``: once per camera frame, ``[b"truth", msgpack {"stamp_ns", "label", "name"}]``
-  with the frame's stamp (not wire format; INTERFACES.md).
+  with the frame's stamp (not wire format: recorders skip it by name, docs/wire.md section 8).
 
 The class pairing (class ``c`` = Fashion-MNIST class ``c`` image + spoken name of class
 ``c`` + BasicMotions activity ``c % 4``) is synthetic, exactly as AV-MNIST pairs MNIST

@@ -60,8 +60,9 @@ def test_inspect_json_counts_invalid_drops_restarts_rate_latency(capsys: pytest.
     assert rc == 0 and started.is_set() and elapsed < 10
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
-    assert set(result) == {"camera", "imu", "invalid"}
+    assert set(result) == {"camera", "imu", "invalid", "skipped", "overflow"}
     assert result["invalid"] == {"header_msgpack": 1, "frame_count": 1, "payload_size": 2}
+    assert result["skipped"] == {} and result["overflow"] == {}
     cam, imu = result["camera"], result["imu"]
     assert (cam["count"], cam["drops"], cam["restarts"], cam["kind"], cam["last_seq"]) == (
         10,
@@ -84,7 +85,7 @@ def test_inspect_stops_after_seconds_without_any_publisher(capsys: pytest.Captur
     elapsed = time.monotonic() - t0
     assert rc == 0 and 0.25 <= elapsed < 3
     out = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(out[-1]) == {"invalid": {}}
+    assert json.loads(out[-1]) == {"invalid": {}, "skipped": {}, "overflow": {}}
     assert "(no valid messages)" in out
 
 

@@ -335,3 +335,20 @@ def test_record_and_play_clis_over_real_sockets(tmp_path: Path, capsys: pytest.C
     assert all(np.array_equal(m.data, f) for m, f in zip(got, frames, strict=True))
     play_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert play_summary["published"] == {"camera": 10}
+
+
+def test_reader_regroups_imu_batches_within_the_batch_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose IMU records all share one (channel, sequence, publish_time) is split at
+    MAX_IMU_BATCH samples instead of being gathered into memory whole."""
+    from sensors import mcap_io
+
+    monkeypatch.setattr(mcap_io, "MAX_IMU_BATCH", 5)  # the wire's own limit is 100,000: too slow to write here
+    values = np.arange(12 * 10, dtype=np.float64).reshape(12, 10)
+    stamps = 1_000_000_000 + np.arange(12, dtype=np.int64) * 10_000_000
+    with Recorder(tmp_path / "imu.mcap") as rec:
+        rec.write("imu", Imu(stamps_ns=stamps, values=values, stamp_ns=int(stamps[0]), seq=3))
+    back = read_messages(tmp_path / "imu.mcap")
+    assert [len(m.stamps_ns) for _, m in back] == [5, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([m.values for _, m in back]), values)
+    np.testing.assert_array_equal(np.concatenate([m.stamps_ns for _, m in back]), stamps)
+    assert {m.seq for _, m in back} == {3}

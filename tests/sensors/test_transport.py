@@ -19,13 +19,6 @@ from sensors.wire import Audio, Image, Imu, encode
 TIMEOUT_S = 5.0
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 @pytest.fixture(params=["tcp", "ipc"])
 def endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "tcp":
@@ -323,3 +316,91 @@ def test_threads_stop_and_closed_objects_refuse_work(ctx: zmq.Context) -> None:
     reader.close()
     with pytest.raises(RuntimeError):
         reader.recv(10)
+
+
+# --------------------------------------------------------------------------- publishers without a session
+def test_a_hand_built_sessionless_publisher_is_received_and_its_restart_counted(ctx: zmq.Context) -> None:
+    """A publisher written from docs/wire.md with pyzmq + msgpack only: no ``session`` field."""
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def send(seq: int) -> None:
+        header = {"v": 1, "kind": "imu", "seq": seq, "stamp_ns": 1_000 + seq, "frame_id": "imu_link", "count": 1,
+                  "orientation_covariance": [-1.0] + [0.0] * 8, "angular_velocity_covariance": [0.01] * 9,
+                  "linear_acceleration_covariance": [0] * 9}
+        values = np.arange(10, dtype="<f8") + seq
+        sock.send_multipart([b"imu", msgpack.packb(header), np.array([1_000 + seq], "<i8").tobytes(), values.tobytes()])
+
+    try:
+        with LosslessReader(endpoint, ["imu"], context=ctx) as reader, \
+                LatestReceiver(endpoint, ["imu"], context=ctx) as rx:
+            assert sock.poll(int(TIMEOUT_S * 1000)) and sock.poll(int(TIMEOUT_S * 1000))
+            seqs = [0, 1, 2, 3, 4, 0, 1, 2]  # the publisher restarted after seq 4
+            for s in seqs:
+                send(s)
+            got = [reader.recv(int(TIMEOUT_S * 1000)) for _ in seqs]
+            assert [g[1].seq for g in got if g is not None] == seqs
+            assert all(g[1].session == 0 and g[1].frame_id == "imu_link" for g in got if g is not None)
+            assert got[-1][1].values[0].tolist() == (np.arange(10) + 2.0).tolist()
+            assert rx.wait_for("imu", TIMEOUT_S, newer_than_seq=4) is not None  # seq 2 after a restart is newer
+            for stats in (reader.stats(), rx.stats()):
+                assert stats.received == {"imu": 8} and stats.restarts == {"imu": 1}
+                assert stats.drops == {} and stats.invalid == {}
+    finally:
+        sock.close(linger=0)
+
+
+# --------------------------------------------------------------------------- byte bounds, side topics
+def test_lossless_reader_keeps_its_queue_within_max_bytes_dropping_the_oldest(ctx: zmq.Context) -> None:
+    n, frame = 200, _frame(0, (100, 340, 3))  # 102 kB each, 20 MB in all
+    budget = 1 << 20  # ten frames
+    with (
+        Publisher("tcp://127.0.0.1:0", context=ctx, sndhwm=0) as pub,  # the publisher holds what we do not
+        LosslessReader(pub.endpoint, ["camera"], context=ctx, max_bytes=budget, max_message_bytes=256 << 10) as reader,
+    ):
+        assert pub.wait_for_subscribers(1, TIMEOUT_S)
+        for _ in range(n):
+            pub.publish("camera", Image(data=frame))
+        seen: list[int] = []
+        while (got := reader.recv(500)) is not None:  # a slow consumer (a recorder on a slow disk)
+            seen.append(got[1].seq)
+            assert reader.stats().queued_bytes <= budget
+            time.sleep(0.002)
+        stats = reader.stats()
+    assert seen == sorted(seen) and seen[-1] == n - 1  # in order, and the newest is never the one dropped
+    overflow = stats.overflow.get("camera", 0)
+    assert overflow > 0 and len(seen) + overflow == n  # every frame read or counted as overflow
+    assert stats.received == {"camera": n} and stats.drops == {}  # dropped here, not lost upstream
+    assert 0 < stats.peak_queued_bytes <= budget and stats.queued_bytes == 0
+
+
+def test_a_message_above_max_message_bytes_is_dropped_counted_and_the_link_stays(ctx: zmq.Context) -> None:
+    with (
+        Publisher("tcp://127.0.0.1:0", context=ctx) as pub,
+        LosslessReader(pub.endpoint, ["camera"], context=ctx, max_bytes=1 << 20, max_message_bytes=64 << 10) as reader,
+    ):
+        assert pub.wait_for_subscribers(1, TIMEOUT_S)
+        pub.publish("camera", Image(data=_frame(1, (200, 200, 3))))  # 120 kB > 64 kB
+        pub.publish("camera", Image(data=_frame(2)))  # 9 kB: still delivered (no ZeroMQ MAXMSGSIZE cut-off)
+        got = reader.recv(int(TIMEOUT_S * 1000))
+        assert got is not None and got[1].seq == 1 and got[1].data.shape == (48, 64, 3)
+        stats = reader.stats()
+    assert stats.invalid == {"message_size": 1} and stats.received == {"camera": 1}
+    assert stats.link.get("disconnected", 0) == 0 and stats.link.get("connected", 0) >= 1
+
+
+def test_side_topics_are_skipped_by_name_not_counted_invalid(ctx: zmq.Context) -> None:
+    with (
+        Publisher("tcp://127.0.0.1:0", context=ctx) as pub,
+        LosslessReader(pub.endpoint, context=ctx, skip_topics=["truth"]) as reader,
+    ):
+        assert pub.wait_for_subscribers(1, TIMEOUT_S)
+        for i in range(3):
+            pub.send_raw([b"truth", msgpack.packb({"stamp_ns": i, "label": 1, "name": "trouser"})])
+        pub.send_raw([b"truthy", b"x"])  # only the exact name is skipped
+        pub.publish("camera", Image(data=_frame(1)))
+        got = reader.recv(int(TIMEOUT_S * 1000))
+        assert got is not None and got[0] == "camera"
+        stats = reader.stats()
+    assert stats.skipped == {"truth": 3} and stats.invalid == {"frame_count": 1} and stats.received == {"camera": 1}
