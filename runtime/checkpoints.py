@@ -2,8 +2,9 @@
 
 Layout of ``dir`` (the agent's ``state/``)::
 
-    LATEST                    "ckpt-000012"  (replaced atomically)
-    ckpt-000012/manifest.json {"format", "seq", "created_ns", "meta", "entries": {key: {file, kind, sha256, bytes}}}
+    LATEST                    "ckpt-000012": the newest checkpoint's name, for people and tools
+    ckpt-000012/manifest.json {"format", "seq", "created_ns", "meta", "entries": {key: {file, kind, sha256, bytes}},
+                               "manifest_sha256"}  (sealed: the digest of its own content)
     ckpt-000012/e000.pt ...   one file per top-level key of the state
     ckpt-000011/              the previous good one (``keep`` newest are kept, at least 2)
     corrupt/ckpt-000013-<ns>/ checkpoints that failed verification, moved aside
@@ -12,12 +13,20 @@ Layout of ``dir`` (the agent's ``state/``)::
 What goes where (tensors, arrays, JSON; never a pickle on load): see :mod:`runtime.statefiles`.
 
 Why this protocol: a robot loses power mid-save. A save writes into a hidden temp dir,
-fsyncs every file and the dir, renames it into place, fsyncs ``dir``, then swaps
-``LATEST``; at no moment is a half-written checkpoint visible under a final name. A load
-checks every file's size and sha256 against the manifest; a bad one (truncated, bit rot,
-bad manifest) is moved to ``corrupt/`` and the previous one is loaded instead, and the
-result says so. A failed save (disk full, read-only) raises ``CheckpointWriteError``,
-removes its temp dir, and leaves the previous checkpoints untouched.
+fsyncs every file and the dir, renames it into place (the commit: one rename), fsyncs
+``dir``, then rewrites ``LATEST``; at no moment is a half-written checkpoint visible under a
+final name. A load takes the newest checkpoint directory, not ``LATEST``: the pointer is
+one more file that a flipped byte or a crash between the rename and its update could make
+lie, and the newest complete directory is by construction the last commit (``rollback``
+moves the newer ones away). ``LATEST`` is rewritten when it lags. A load checks every file's
+sha256 against the manifest and the manifest against its own seal; a bad one (truncated,
+bit rot, edited manifest) is moved to ``corrupt/``, counted (``stats``), and the previous
+one is loaded instead, and the result says so. A failed save (disk full, read-only) raises
+``CheckpointWriteError``, removes its temp dir, and leaves the previous checkpoints untouched.
+
+Named fault points (``sensors.durable.fault_point``, no-ops unless ``CONTINUA_FAULT_AT`` is
+set) mark the steps a crash test kills the process at: ``checkpoint.between_entries``,
+``.before_rename``, ``.after_rename``, ``.after_latest``.
 """
 
 from __future__ import annotations
@@ -36,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import CheckpointWriteError, NoCheckpointError
-from runtime.statefiles import FORMAT, MANIFEST, StateFiles
+from runtime.statefiles import MANIFEST, StateFiles, manifest_bytes
 from sensors.atomic import fsync_dir
+from sensors.durable import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,8 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep = keep
         self._lock = threading.Lock()
+        # what went wrong so far (a status page shows it): corrupt checkpoints met, failed saves
+        self.counters = {"saved": 0, "save_failed": 0, "loaded": 0, "corrupt": 0, "fell_back": 0}
 
     # ---- names
     def _names(self) -> list[str]:
@@ -118,7 +130,12 @@ class CheckpointStore:
         names = [p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
         return sorted(names, key=lambda n: int(_NAME.match(n).group(1)))
 
+    def stats(self) -> dict[str, int]:
+        """Counters since this store was opened (``corrupt``: checkpoints that failed verification)."""
+        return dict(self.counters)
+
     def _latest_name(self) -> str | None:
+        """What ``LATEST`` says (None when missing, garbled or naming no directory); informative only."""
         try:
             name = (self.root / LATEST).read_text().strip()
         except (OSError, UnicodeDecodeError):
@@ -133,7 +150,7 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.root / LATEST)
-            fsync_dir(self.root)
+            fsync_dir(self.root)  # the rename is durable only once the directory is
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -146,7 +163,13 @@ class CheckpointStore:
     def save_files(self, files: StateFiles) -> CheckpointInfo:
         """Write already encoded files (and their meta) as the new latest checkpoint."""
         with self._lock:
-            return self._save_locked(files)
+            try:
+                info = self._save_locked(files)
+            except CheckpointWriteError:
+                self.counters["save_failed"] += 1
+                raise
+            self.counters["saved"] += 1
+            return info
 
     def _save_locked(self, sf: StateFiles) -> CheckpointInfo:
         try:
@@ -159,19 +182,26 @@ class CheckpointStore:
         final = self.root / name
         try:
             tmp.mkdir()
-            for fname, data in sf.files.items():
-                self._write(tmp / fname, lambda f, d=data: f.write(d))
-            manifest = {"format": FORMAT, "seq": seq, "name": name, "created_ns": time.time_ns(),
-                        "meta": sf.meta, "entries": sf.entries, "nbytes": sf.nbytes}
-            self._write(tmp / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            for i, entry in enumerate(sf.entries.values()):  # entry by entry: learner, buffer, reservoir...
+                if i == 1:
+                    fault_point("checkpoint.between_entries")
+                for fname in [*entry["arrays"], entry["file"]]:
+                    self._write(tmp / fname, lambda f, d=sf.files[fname]: f.write(d))
+            manifest = {"seq": seq, "name": name, "created_ns": time.time_ns(), "meta": sf.meta,
+                        "entries": sf.entries, "nbytes": sf.nbytes}
+            self._write(tmp / MANIFEST, lambda f: f.write(manifest_bytes(manifest)))
             fsync_dir(tmp)
-            os.rename(tmp, final)
+            fault_point("checkpoint.before_rename")
+            os.rename(tmp, final)  # the commit
             fsync_dir(self.root)
+            fault_point("checkpoint.after_rename")
             try:
                 self._write_latest(name)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
+                fsync_dir(self.root)
                 raise
+            fault_point("checkpoint.after_latest")
         except (OSError, RuntimeError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             why = _disk_reason(self.root, exc)
@@ -202,12 +232,10 @@ class CheckpointStore:
             time.sleep(float(os.environ[_SLOW_SAVE_ENV]))
 
     def _retain(self) -> None:
-        """Keep the ``keep`` newest checkpoints (and LATEST's); bound corrupt/ and rolled-back/."""
-        latest = self._latest_name()
+        """Keep the ``keep`` newest checkpoints; bound corrupt/ and rolled-back/."""
         names = self._names()
         for name in names[: max(0, len(names) - self.keep)]:
-            if name != latest:
-                shutil.rmtree(self.root / name, ignore_errors=True)
+            shutil.rmtree(self.root / name, ignore_errors=True)
         for sub in ("corrupt", "rolled-back"):
             d = self.root / sub
             if d.is_dir():
@@ -232,19 +260,19 @@ class CheckpointStore:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.root / name, dest)
-            fsync_dir(self.root)
+            fsync_dir(self.root)  # gone from the root (no longer the newest) ...
+            fsync_dir(dest.parent)  # ... and kept aside, durably both
             return dest
         except OSError as exc:
             log.error("cannot move %s to %s: %s", name, dest, exc)
             return None
 
     def load_latest(self, keys: list[str] | tuple[str, ...] | None = None) -> LoadResult:
-        """Load LATEST (else the newest); corrupt ones go to ``corrupt/`` and older ones are tried.
+        """Load the newest checkpoint; corrupt ones go to ``corrupt/`` and older ones are tried.
         Every file is verified; only ``keys`` are decoded (all when None)."""
         with self._lock:
             latest = self._latest_name()
-            names = self._names()[::-1]
-            order = ([latest] if latest else []) + [n for n in names if n != latest]
+            order = self._names()[::-1]
             corrupt: list[CorruptCheckpoint] = []
             for i, name in enumerate(order):
                 try:
@@ -253,11 +281,17 @@ class CheckpointStore:
                     moved = self._move_aside(name, "corrupt")
                     log.error("checkpoint %s is corrupt (%s); moved to %s", name, exc, moved)
                     corrupt.append(CorruptCheckpoint(name=name, reason=str(exc), moved_to=moved))
+                    self.counters["corrupt"] += 1
                     continue
                 if name != latest:
+                    if i == 0 and latest is not None:
+                        log.warning("LATEST says %s, the newest checkpoint is %s (a save was cut between its "
+                                    "rename and the pointer update); pointer fixed", latest, name)
                     with contextlib.suppress(OSError):
                         self._write_latest(name)
+                self.counters["loaded"] += 1
                 if i > 0:
+                    self.counters["fell_back"] += 1
                     log.warning("loaded older checkpoint %s after %d unusable one(s)", name, i)
                 return LoadResult(state=state, meta=sf.meta, name=name, seq=int(_NAME.match(name).group(1)),
                                   path=self.root / name, files=sf, fell_back=i > 0, corrupt=corrupt)
@@ -273,7 +307,7 @@ class CheckpointStore:
         """
         with self._lock:
             names = self._names()
-            latest = self._latest_name() or (names[-1] if names else None)
+            latest = names[-1] if names else None
             older = [n for n in names[::-1] if latest and int(_NAME.match(n).group(1)) < int(_NAME.match(latest).group(1))]
             corrupt: list[CorruptCheckpoint] = []
             for name in older:
@@ -282,6 +316,7 @@ class CheckpointStore:
                 except ValueError as exc:
                     corrupt.append(CorruptCheckpoint(name=name, reason=str(exc),
                                                      moved_to=self._move_aside(name, "corrupt")))
+                    self.counters["corrupt"] += 1
                     continue
                 moved = self._move_aside(latest, "rolled-back")
                 if moved is None:
@@ -294,9 +329,10 @@ class CheckpointStore:
 
     def list(self) -> list[CheckpointInfo]:
         """Checkpoints newest first, from their manifests (not verified: see ``load_latest``)."""
-        latest = self._latest_name()
+        names = self._names()
+        latest = names[-1] if names else None
         out = []
-        for name in self._names()[::-1]:
+        for name in names[::-1]:
             try:
                 m = json.loads((self.root / name / MANIFEST).read_text())
                 created, meta, nbytes = int(m["created_ns"]), dict(m.get("meta", {})), int(m.get("nbytes", 0))

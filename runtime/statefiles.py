@@ -13,6 +13,12 @@ its job directory; the agent reads it back verified, commits it to the checkpoin
 keeps the bytes, so that ``save`` can write the serving model again even after a failed write.
 ``decode(keys)`` decodes only what a process asks for, and imports torch only for a torch
 entry it asked for.
+
+Every byte a load reads is checked: each data file against its sha256 in the manifest, and the
+manifest itself against the sha256 of its own content that it carries (``sensors.durable.seal``:
+a flipped byte in the metadata, a count or a file name is refused like a flipped byte in the
+weights). Format-1 manifests, written before manifests were sealed, are still read (their data
+files are checked; their metadata cannot be) with a warning; every save writes a sealed one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,10 +36,49 @@ from typing import Any
 import numpy as np
 
 from sensors.atomic import fsync_dir
+from sensors.durable import seal, unseal
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: the manifest is sealed (carries the sha256 of its own content)
+LEGACY_FORMATS = (1,)  # read without a seal (their metadata is not checksummed), never written
 MANIFEST = "manifest.json"
 _MARK = "__ndarray__"
+_KINDS = ("torch", "json")
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """A manifest (``entries``, ``meta`` and whatever a writer adds) as sealed JSON bytes."""
+    return seal({**manifest, "format": FORMAT})
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    """The checked content of a manifest file; ``ValueError`` naming ``where`` and the reason."""
+    m, sealed = unseal(data, where)
+    fmt = m.get("format")
+    if sealed and fmt != FORMAT:
+        raise ValueError(f"{where}: manifest format {fmt!r}, expected {FORMAT}")
+    if not sealed:
+        if fmt not in LEGACY_FORMATS:
+            raise ValueError(f"{where}: unsealed manifest of format {fmt!r} (only format {LEGACY_FORMATS} may be "
+                             f"unsealed): corrupt or edited")
+        log.warning("%s: format-%s manifest without its own checksum (written before manifests were sealed): "
+                    "its data files are verified, its metadata cannot be; the next save seals it", where, fmt)
+    entries = m.get("entries")
+    if not isinstance(entries, dict) or not isinstance(m.get("meta", {}), dict):
+        raise ValueError(f"{where}: no entries/meta tables")
+    for key, e in entries.items():
+        ok = (isinstance(e, dict) and e.get("kind") in _KINDS and isinstance(e.get("sha256"), dict)
+              and isinstance(e.get("arrays"), list) and all(isinstance(f, str) for f in [e.get("file"), *e["arrays"]]))
+        if not ok:
+            raise ValueError(f"{where}: entry {key!r} is malformed")
+        unhashed = [f for f in [e["file"], *e["arrays"]] if f not in e["sha256"]]
+        if unhashed:
+            raise ValueError(f"{where}: entry {key!r} reads {unhashed}, which the manifest does not checksum")
+        bad = [f for f in e["sha256"] if "/" in f or "\\" in f or f.startswith(".") or f == MANIFEST]
+        if bad:
+            raise ValueError(f"{where}: bad file name(s) {bad} in entry {key!r}")
+    return m
 
 
 def _is_tensor(value: Any) -> bool:
@@ -189,8 +235,7 @@ class StateFiles:
         write = writer or _write_file
         for fname, data in self.files.items():
             write(path / fname, data)
-        manifest = {"format": FORMAT, "meta": self.meta, "entries": self.entries, "nbytes": self.nbytes}
-        write(path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write(path / MANIFEST, manifest_bytes({"meta": self.meta, "entries": self.entries, "nbytes": self.nbytes}))
         fsync_dir(path)
 
     @classmethod
@@ -198,14 +243,10 @@ class StateFiles:
         """Read and verify a directory written by ``write_dir`` or a store; ValueError with the reason."""
         path = Path(path)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            if manifest.get("format") != FORMAT or not isinstance(manifest.get("entries"), dict):
-                raise ValueError(f"manifest format {manifest.get('format')!r} unknown")
+            manifest = parse_manifest((path / MANIFEST).read_bytes(), MANIFEST)
             entries = manifest["entries"]
             names = [f for e in entries.values() for f in e["sha256"]]
-            if any("/" in f or f.startswith(".") or f == MANIFEST for f in names):
-                raise ValueError(f"bad file name in manifest: {names}")
-            files = {f: (path / f).read_bytes() for f in names}
+            files = {f: (path / f).read_bytes() for f in names}  # only checksummed files are ever opened
             sf = cls(entries=entries, files=files, meta=dict(manifest.get("meta", {})))
             sf.verify()
         except ValueError:

@@ -15,15 +15,22 @@ Persistence (``save``/``load``): samples are written in segments of ``SEGMENT`` 
 ``.npz`` written to a temp file, fsynced and renamed, under a new generation number; then a
 ``manifest.json`` with each segment's sha256 replaces the old one the same way, and only then
 are the previous generation's files deleted. A crash at any point leaves a complete old or new
-buffer. On load a segment that is missing or fails its checksum is logged and skipped; the
-rest is kept (``load_report`` says what was lost).
+buffer (fault points ``buffer.segments_written`` and ``buffer.manifest_replaced`` let a test
+kill the process there). The manifest is sealed (``sensors.durable.seal``: it carries the sha256
+of its own content), so a flipped byte in a count, a dtype or the schema is refused
+(``BufferCorruptError``) instead of loaded. On load a segment that is missing or fails its
+checksum is logged and skipped; the rest is kept (``load_report`` says what was lost). A buffer
+that is saved together with a model belongs in that model's checkpoint instead
+(``state_dict``): one commit for both.
+
+The reservoir's random generator is part of the state (``state_dict``, the manifest): a loaded
+buffer evicts exactly as the saved one would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from sensors.atomic import atomic_write, fsync_dir
+from sensors.durable import fault_point, seal, unseal
 from training.errors import BufferCorruptError, ReplayBufferError
 
 log = logging.getLogger(__name__)
@@ -39,7 +47,8 @@ log = logging.getLogger(__name__)
 DTYPES = ("float16", "int8")
 SEGMENT = 256
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 1  # of ``state_dict``
+MANIFEST_FORMAT = 2  # of a saved directory's manifest; 2: sealed (1: unsealed, still read)
 _META_BYTES = 8 + 4 + 8  # label int64, task int32, stamp int64 (+ K bytes of present mask)
 
 
@@ -262,11 +271,14 @@ class ReplayBuffer:
             atomic_write(d / name, data)
             segments.append({"file": name, "samples": len(idx), "bytes": len(data),
                              "sha256": hashlib.sha256(data).hexdigest()})
-        manifest = {"format": FORMAT, "generation": gen, "dtype": self.dtype, "max_samples": self.max_samples,
-                    "max_bytes": self.max_bytes, "schema": self.schema, "samples": self._n,
-                    "seen": {str(k): v for k, v in self.seen.items()}, "segments": segments}
-        atomic_write(d / MANIFEST, json.dumps(manifest, indent=1).encode())
+        manifest = {"format": MANIFEST_FORMAT, "generation": gen, "dtype": self.dtype,
+                    "max_samples": self.max_samples, "max_bytes": self.max_bytes, "schema": self.schema,
+                    "samples": self._n, "seen": {str(k): v for k, v in self.seen.items()},
+                    "rng": self._rng.bit_generator.state, "segments": segments}
+        fault_point("buffer.segments_written")
+        atomic_write(d / MANIFEST, seal(manifest))
         fsync_dir(d)
+        fault_point("buffer.manifest_replaced")
         keep = {s["file"] for s in segments}
         for f in d.glob("seg-*.npz"):
             if f.name not in keep:
@@ -277,13 +289,25 @@ class ReplayBuffer:
     def _read_manifest(d: Path) -> dict[str, Any]:
         path = d / MANIFEST
         try:
-            m = json.loads(path.read_text())
+            m, sealed = unseal(path.read_bytes(), str(path))
         except FileNotFoundError:
             raise BufferCorruptError(f"no replay buffer at {d}: {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BufferCorruptError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(m, dict) or m.get("format") != FORMAT or "segments" not in m:
-            raise BufferCorruptError(f"{path} is not a format-{FORMAT} replay buffer manifest")
+        except OSError as exc:
+            raise BufferCorruptError(f"cannot read {path}: {exc}") from None
+        except ValueError as exc:
+            raise BufferCorruptError(str(exc)) from None
+        fmt = m.get("format")
+        if (sealed and fmt != MANIFEST_FORMAT) or (not sealed and fmt != 1) or not isinstance(m.get("segments"), list):
+            raise BufferCorruptError(f"{path} is not a format-{MANIFEST_FORMAT} replay buffer manifest "
+                                     f"(format {fmt!r}, {'sealed' if sealed else 'unsealed'})")
+        if not sealed:
+            log.warning("%s: format-1 manifest without its own checksum (written before manifests were sealed); "
+                        "its segments are verified, its counts cannot be; the next save seals it", path)
+        bad = [s.get("file") for s in m["segments"]
+               if not isinstance(s, dict) or not isinstance(s.get("file"), str) or "/" in s["file"]
+               or not s["file"].startswith("seg-")]
+        if bad:
+            raise BufferCorruptError(f"{path} lists bad segment names {bad}")
         return m
 
     @classmethod
@@ -291,8 +315,13 @@ class ReplayBuffer:
         """Reload a saved buffer; corrupt or missing segments are skipped and reported in ``load_report``."""
         d = Path(directory)
         m = cls._read_manifest(d)
-        buf = cls(max_samples=m["max_samples"], max_bytes=m["max_bytes"], dtype=m["dtype"], seed=seed)
-        buf.seen = {int(k): int(v) for k, v in m.get("seen", {}).items()}
+        try:
+            buf = cls(max_samples=m["max_samples"], max_bytes=m["max_bytes"], dtype=m["dtype"], seed=seed)
+            buf.seen = {int(k): int(v) for k, v in m.get("seen", {}).items()}
+            if m.get("rng") is not None:
+                buf._rng.bit_generator.state = m["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BufferCorruptError(f"{d / MANIFEST}: bad field ({type(exc).__name__}: {exc})") from None
         report = LoadReport()
         buf.load_report = report
         if m["schema"] is None:
@@ -335,7 +364,8 @@ class ReplayBuffer:
         n = self._n
         state: dict[str, Any] = {"format": FORMAT, "max_samples": self.max_samples, "max_bytes": self.max_bytes,
                                  "dtype": self.dtype, "schema": self.schema, "samples": n,
-                                 "seen": {str(k): int(v) for k, v in self.seen.items()}}
+                                 "seen": {str(k): int(v) for k, v in self.seen.items()},
+                                 "rng": self._rng.bit_generator.state}
         if self.schema is not None:
             state.update(labels=self._labels[:n].copy(), tasks=self._tasks[:n].copy(), stamps=self._stamps[:n].copy(),
                          present=self._present[:n].copy(),
@@ -349,6 +379,11 @@ class ReplayBuffer:
             raise BufferCorruptError(f"replay buffer state format {state.get('format')!r}, expected {FORMAT}")
         buf = cls(max_samples=state["max_samples"], max_bytes=state["max_bytes"], dtype=state["dtype"], seed=seed)
         buf.seen = {int(k): int(v) for k, v in state.get("seen", {}).items()}
+        if state.get("rng") is not None:  # older states have none: the generator starts from ``seed``
+            try:
+                buf._rng.bit_generator.state = state["rng"]
+            except (TypeError, ValueError, KeyError) as exc:
+                raise BufferCorruptError(f"replay buffer state has a bad rng state ({exc})") from None
         if state.get("schema") is None:
             return buf
         buf._allocate({m: list(d) for m, d in state["schema"].items()})

@@ -33,3 +33,7 @@ class UnknownStrategyError(TrainingError, KeyError):
 
 class TrainingCancelled(TrainingError):
     """Training stopped early because the cancel event was set (the model keeps its last step)."""
+
+
+class LearnerStateError(TrainingError):
+    """A saved learner cannot be loaded: no usable generation, or an old pickle-format directory."""

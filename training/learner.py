@@ -8,10 +8,17 @@ cancelled task leaves the learner exactly as it was. Memory is bounded by the bu
 ``max_task_samples`` and one model copy; time by ``epochs`` and ``max_seconds``; CPU by
 ``threads``.
 
-``state_dict`` holds everything but the buffer (which persists itself crash-safely with
-``ReplayBuffer.save``): config, class names, model weights incl. expert usage counters and
-freeze masks (MoE buffers), and the strategy's extra state (Fisher, anchors, routing history).
-``save``/``load`` write both into one directory.
+``state_dict`` holds everything but the buffer (``ReplayBuffer.state_dict``): config, class
+names, model weights incl. expert usage counters and freeze masks (MoE buffers), the strategy's
+extra state (Fisher, anchors, routing history) and the random generators' states (torch's global
+one, which modality dropout and gate noise draw from; the strategy's numpy generator for replay
+and Fisher samples; the buffer keeps its own reservoir generator), so that a loaded learner goes
+on exactly as the saved one would have. Python's ``random`` is not used by training.
+
+``save``/``load`` (see ``training.learner_state``): learner state and buffer in *one* new
+generation directory, committed by a single rename; no pickle is ever loaded (tensors with
+``torch.load(weights_only=True)``, everything else JSON), every file is checked against a
+sealed manifest, and a corrupt newest generation falls back to the previous one with a reason.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training import learner_state
 from training.buffer import ReplayBuffer
 from training.config import LearnerConfig
 from training.model import SideNetwork
@@ -79,6 +86,7 @@ class Learner:
         self._lock = threading.Lock()
         self._learning = threading.Lock()
         self.strategy = self._new_strategy()
+        self.load_report: learner_state.LoadReport | None = None  # set by ``load``: which generation, what was skipped
 
     def _new_strategy(self):
         torch.manual_seed(self.config.seed)
@@ -187,14 +195,19 @@ class Learner:
         return float(np.mean([p == n for p, n in zip(pred.name, samples.names, strict=True)]))
 
     # ---- state ---------------------------------------------------------------------------------
+    def _state_of(self, s: Any, class_names: list[str]) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": s.rng.bit_generator.state}
+        if str(getattr(s, "device", "cpu")).startswith("cuda") and torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(s.device)
+        return {"format": FORMAT, "config": dataclasses.asdict(self.config), "tap_dims": self.tap_dims,
+                "class_names": list(class_names), "num_classes": s.model.num_classes,
+                "tasks_learned": s.tasks_learned,
+                "model": {k: v.clone() for k, v in s.model.state_dict().items()},
+                "strategy": copy.deepcopy(s.extra_state()), "rng": rng}
+
     def state_dict(self) -> dict[str, Any]:
         with self._lock:
-            s = self.strategy
-            return {"format": FORMAT, "config": dataclasses.asdict(self.config), "tap_dims": self.tap_dims,
-                    "class_names": list(self.class_names), "num_classes": s.model.num_classes,
-                    "tasks_learned": s.tasks_learned,
-                    "model": {k: v.clone() for k, v in s.model.state_dict().items()},
-                    "strategy": copy.deepcopy(s.extra_state())}
+            return self._state_of(self.strategy, self.class_names)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != FORMAT:
@@ -208,31 +221,40 @@ class Learner:
         work.model.load_state_dict(state["model"])
         work.load_extra_state(state["strategy"])
         work.tasks_learned = int(state["tasks_learned"])
+        rng = state.get("rng")  # absent in states saved before RNG states were: seeded afresh
+        if rng is not None:
+            work.rng.bit_generator.state = rng["numpy"]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and str(work.device).startswith("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], work.device)
         with self._lock:
             self.strategy, self.class_names = work, list(state["class_names"])
 
-    def save(self, directory: str | Path) -> Path:
-        """state.pt (temp file, fsync, rename) plus the buffer's own crash-safe directory."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "state.pt.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(self.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / "state.pt")
-        if self.buffer is not None:
-            self.buffer.save(d / "buffer")
-        return d
+    def save(self, directory: str | Path, *, keep: int = 2) -> Path:
+        """Learner state and replay buffer as one new generation of ``directory`` (one rename
+        commits both: a crash can never pair a new state with an old buffer); the ``keep`` newest
+        generations are kept. Returns ``directory``."""
+        with self._lock:  # state and buffer of the same strategy (learn_task swaps it under this lock)
+            s = self.strategy
+            parts = {"learner": self._state_of(s, self.class_names)}
+            if s.buffer is not None:
+                parts["buffer"] = s.buffer.state_dict()
+        name = learner_state.save_generation(Path(directory), parts, keep=keep)
+        log.info("learner saved as %s/%s", directory, name)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, config: LearnerConfig | None = None) -> Learner:
-        d = Path(directory)
-        state = torch.load(d / "state.pt", weights_only=False)
+        """The newest generation of ``directory`` that verifies (``load_report`` says which, and
+        why newer ones were skipped); ``LearnerStateError`` when none does, or for a directory in
+        the old pickle format (never unpickled: it could run code)."""
         from sensors.config import from_dict
 
+        parts, report = learner_state.load_generation(Path(directory))
+        state = parts["learner"]
         learner = cls(state["tap_dims"], config or from_dict(LearnerConfig, state["config"]))
-        if (d / "buffer").exists():
-            learner.strategy.buffer = ReplayBuffer.load(d / "buffer", seed=learner.config.seed)
+        if parts.get("buffer") is not None:
+            learner.strategy.buffer = ReplayBuffer.from_state_dict(parts["buffer"], seed=learner.config.seed)
         learner.load_state_dict(state)
+        learner.load_report = report
         return learner

@@ -242,3 +242,185 @@ def test_hypothesis_round_trip(tmp_path_factory: pytest.TempPathFactory, state: 
     res = store.load_latest()
     _assert_same(state, res.state)
     assert res.meta == {"n": len(state)}
+
+
+# --------------------------------------------------------------------------- every byte a load reads is checked
+def _buffer_state(seed: int) -> dict:
+    from training.buffer import ReplayBuffer
+
+    buf = ReplayBuffer(max_samples=64, dtype="int8", seed=seed)
+    rng = np.random.default_rng(seed)
+    for i in range(40 + seed):
+        buf.add({"image": [rng.normal(size=8), rng.normal(size=4)], "imu": [rng.normal(size=3)]},
+                np.array([True, i % 2 == 0]), i % 3, 0, i)
+    return buf.state_dict()
+
+
+def _agentlike(seed: int) -> dict:
+    """The shape of an agent checkpoint: a torch entry first (the learner), then a buffer of arrays."""
+    return {"learner": _state(seed), "buffer": _buffer_state(seed), "reservoir": _buffer_state(seed + 10)}
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path: Path) -> Path:
+    root = tmp_path / "state"
+    store = CheckpointStore(root)
+    store.save(_agentlike(1), {"version": 1, "tasks": [{"name": "a", "labels": ["x", "y"]}]})
+    store.save(_agentlike(2), {"version": 2, "tasks": [{"name": "a", "labels": ["x", "y"]},
+                                                       {"name": "b", "labels": ["z", "w"]}]})
+    return root
+
+
+def _flip_copy(root: Path, rel: str, at: int, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(root, dest)
+    path = dest / rel
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    return dest
+
+
+def test_a_flipped_byte_in_any_checkpoint_file_is_refused_and_the_previous_one_loaded(two_checkpoints, tmp_path):
+    """Each file of the newest checkpoint in turn, at its first, middle and last byte: the load
+    never returns altered data; it falls back to ckpt-000001 with a reason naming the file, or
+    (LATEST, which loads do not trust) loads the intact newest one."""
+    root = two_checkpoints
+    files = sorted(p.relative_to(root).as_posix() for p in (root / "ckpt-000002").iterdir()) + ["LATEST"]
+    assert "ckpt-000002/manifest.json" in files and len(files) > 10
+    n = 0
+    for rel in files:
+        size = (root / rel).stat().st_size
+        for at in sorted({0, size // 2, size - 1}):
+            n += 1
+            store = CheckpointStore(_flip_copy(root, rel, at, tmp_path / f"c{n}"))
+            res = store.load_latest()
+            if rel == "LATEST":
+                assert res.name == "ckpt-000002" and not res.fell_back and res.meta["version"] == 2
+                _assert_same(_agentlike(2), res.state)
+                continue
+            assert res.name == "ckpt-000001" and res.fell_back and res.meta["version"] == 1, (rel, at)
+            _assert_same(_agentlike(1), res.state)
+            assert [c.name for c in res.corrupt] == ["ckpt-000002"] and Path(rel).name in res.corrupt[0].reason
+            assert store.stats()["corrupt"] == 1 and store.stats()["fell_back"] == 1
+
+
+def test_every_byte_of_a_checkpoint_manifest_is_covered(two_checkpoints) -> None:
+    """Exhaustive: whichever byte of the manifest flips (meta, a file name, a digest, the format),
+    the checkpoint is refused; before manifests were sealed, a flipped digit in the meta (the
+    version, a task name) was loaded as if it were true."""
+    from runtime.statefiles import StateFiles
+
+    path = two_checkpoints / "ckpt-000002" / "manifest.json"
+    original = path.read_bytes()
+    try:
+        for at in range(len(original)):
+            data = bytearray(original)
+            data[at] ^= 0x01
+            path.write_bytes(bytes(data))
+            with pytest.raises(ValueError):
+                StateFiles.read_dir(path.parent)
+    finally:
+        path.write_bytes(original)
+    assert StateFiles.read_dir(path.parent).meta["version"] == 2
+
+
+def test_latest_pointer_that_lags_is_not_trusted(two_checkpoints) -> None:
+    """A save cut between its rename (the commit) and the LATEST update leaves LATEST on the
+    previous checkpoint: the newest complete one is loaded and the pointer fixed."""
+    (two_checkpoints / "LATEST").write_text("ckpt-000001\n")
+    store = CheckpointStore(two_checkpoints)
+    res = store.load_latest()
+    assert res.name == "ckpt-000002" and res.meta["version"] == 2 and not res.fell_back
+    _assert_same(_agentlike(2), res.state)
+    assert (two_checkpoints / "LATEST").read_text().strip() == "ckpt-000002"
+    (two_checkpoints / "LATEST").write_bytes(b"\xff\x00garbage")
+    assert store.load_latest().name == "ckpt-000002"
+    assert [i.name for i in store.list() if i.latest] == ["ckpt-000002"]
+
+
+def test_unsealed_format_1_checkpoint_is_still_read_but_format_2_must_be_sealed(two_checkpoints) -> None:
+    from sensors.durable import SEAL_KEY
+
+    path = two_checkpoints / "ckpt-000002" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m[SEAL_KEY]
+    m["format"] = 1  # as checkpoints were written before manifests were sealed
+    path.write_text(json.dumps(m))
+    res = CheckpointStore(two_checkpoints).load_latest()
+    assert res.name == "ckpt-000002" and res.meta["version"] == 2
+    m["format"] = 2
+    path.write_text(json.dumps(m))
+    res = CheckpointStore(two_checkpoints).load_latest()
+    assert res.name == "ckpt-000001" and "unsealed" in res.corrupt[0].reason
+
+
+def test_directories_are_fsynced_after_each_rename(tmp_path: Path, monkeypatch) -> None:
+    """A rename is durable only once its directory is fsynced: after the checkpoint's rename, after
+    LATEST's, and on both sides of a move to corrupt/."""
+    import runtime.checkpoints as ck
+
+    calls: list[tuple[str, bool]] = []
+    real = ck.fsync_dir
+
+    def spy(path):
+        p = Path(path)
+        calls.append((p.name, (tmp_path / "ckpt-000001").is_dir()))
+        real(path)
+
+    monkeypatch.setattr(ck, "fsync_dir", spy)
+    store = CheckpointStore(tmp_path)
+    store.save({"x": 1})
+    assert calls[0][0].startswith(".tmp-ckpt-000001") and not calls[0][1]  # the temp dir, before the rename
+    assert (tmp_path.name, True) in calls[1:]  # the root, once the checkpoint is in place
+    assert calls[-1] == (tmp_path.name, True)  # ... and again after LATEST's rename
+    calls.clear()
+    (tmp_path / "ckpt-000001" / "manifest.json").write_text("{")
+    with pytest.raises(NoCheckpointError):
+        store.load_latest()
+    assert [c[0] for c in calls] == [tmp_path.name, "corrupt"]
+    assert store.stats()["corrupt"] == 1
+
+
+# --------------------------------------------------------------------------- SIGKILL at each fault point
+_FAULT_CHILD = """
+import sys
+from runtime.checkpoints import CheckpointStore
+from tests.runtime.test_checkpoints import _agentlike
+CheckpointStore(sys.argv[1]).save(_agentlike(2), {"version": 2})
+print("SURVIVED")
+"""
+
+
+def _points():
+    from sensors.durable import CHECKPOINT_POINTS
+
+    return CHECKPOINT_POINTS
+
+
+@pytest.mark.parametrize("point", _points())
+def test_sigkill_at_each_checkpoint_point_leaves_the_previous_or_the_new_checkpoint(tmp_path: Path, point) -> None:
+    from sensors.durable import FAULT_ENV
+
+    root = tmp_path / "state"
+    CheckpointStore(root).save(_agentlike(1), {"version": 1})
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    env[FAULT_ENV] = point
+    got = subprocess.run([sys.executable, "-c", _FAULT_CHILD, str(root)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert got.returncode == -signal.SIGKILL and f"fault point {point} reached" in got.stderr, got.stderr[-2000:]
+    assert "SURVIVED" not in got.stdout
+    committed = point in ("checkpoint.after_rename", "checkpoint.after_latest")
+    store = CheckpointStore(root)
+    res = store.load_latest()
+    assert res.corrupt == [] and not res.fell_back  # nothing half-written was ever visible as a checkpoint
+    assert res.meta["version"] == (2 if committed else 1)
+    _assert_same(_agentlike(2 if committed else 1), res.state)
+    assert (root / "LATEST").read_text().strip() == res.name  # the pointer caught up
+    # life goes on: the next save cleans the cut one's temp dir, rollback reaches a committed state
+    store.save(_agentlike(3), {"version": 3})
+    assert not list(root.glob(".tmp-*"))
+    back = store.rollback()
+    assert back.meta["version"] == (2 if committed else 1)
+    _assert_same(_agentlike(2 if committed else 1), back.state)

@@ -468,6 +468,26 @@ def test_long_soak_rss_grows_less_than_50mb(shared_agent):
 @pytest.mark.slow
 def test_randomised_kill_restart_loop(rel_root, sensors, baseline):
     from benchmarks.reliability import kill_loop
+    from sensors.durable import CHECKPOINT_POINTS
 
     res = kill_loop(agent_setup(rel_root, sensors, baseline["v1"], "killloop"), restarts=10, seed=1)
     assert res["states_lost"] == 0 and res["verified"] == res["restarts"], res
+    # 10 rounds over 4 fault points + random: every point landed on twice (once committing a task, once a save)
+    assert res["kill_points"] == {p: 2 for p in CHECKPOINT_POINTS} and res["missed"] == {}, res
+    assert res["corrupt_after_kill"] == 0 and res["actions"]["learn"] >= 4, res
+
+
+def test_kill_loop_lands_on_every_checkpoint_fault_point(rel_root, sensors, baseline):
+    """The agent SIGKILLs itself at each named step of a task's commit in turn (a real process, no
+    random timing): before the rename the previous checkpoint survives bit for bit, after it the
+    new version does; the restarted agent serves exactly what was committed."""
+    from benchmarks.reliability import kill_loop
+    from sensors.durable import CHECKPOINT_POINTS
+
+    res = kill_loop(agent_setup(rel_root, sensors, baseline["v1"], "faultloop"), restarts=len(CHECKPOINT_POINTS),
+                    random_kills=False, fault_trigger="learn")
+    assert res["kill_points"] == {p: 1 for p in CHECKPOINT_POINTS} and res["missed"] == {}, res
+    assert res["states_lost"] == 0 and res["verified"] == res["restarts"] and res["corrupt_after_kill"] == 0, res
+    assert res["actions"] == {"learn": len(CHECKPOINT_POINTS)}, res
+    # two kills before the rename kept v1; the one after the rename committed v2, the next one v3
+    assert res["versions_committed"] == [1, 1, 2, 3], res
