@@ -12,18 +12,32 @@ file with ``[agent]``, ``[control]`` and ``[console]`` tables::
     [control]
     endpoint = "tcp://0.0.0.0:5570"
     keys_dir = "keys/"
+
+Load them with ``load_section``: it refuses keys that only a command-line flag may set
+(``insecure``: ``--insecure`` on the agent, the console and the demo). Why: a launch file is
+copied from machine to machine, and one stray ``insecure = true`` would open a robot to anyone
+on its network; a flag has to be typed for each start, and only for a loopback endpoint.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sensors.config import load_config
+from runtime.access import is_loopback
+from sensors.config import ConfigError, load_config, read_toml
 from training.openset import RULES as OPEN_SET_RULES
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+T = TypeVar("T")
+CLI_ONLY = {"insecure": "--insecure"}  # config keys refused in a TOML file -> the flag that sets them
+
+
+def _check_insecure(name: str, insecure: bool, endpoint: str) -> None:
+    if insecure and not is_loopback(endpoint):
+        raise ValueError(f"--insecure refuses {name}={endpoint!r}: without CurveZMQ the control channel must stay "
+                         "on a loopback address (tcp://127.0.0.1:PORT, ipc://...); use keys (python -m runtime.keys)")
 
 
 def _check_endpoint(name: str, value: str) -> None:
@@ -48,6 +62,9 @@ class AgentConfig:
     # unless model_dir already holds it; with it, a missing model is an error, never a local export
     model_bundle: Path | None = None
     checkpoint_dir: Path = Path("state/")
+    # the only place `learn-new-task --source mcap:PATH` may read: PATH is relative to it (or absolute inside
+    # it); '..' and symlinks out of it are refused. Relative to the agent's working directory, like model_dir
+    recordings_dir: Path = Path("recordings")
     keep_checkpoints: int = 3
     stale_s: float = 1.0  # a modality silent this long is left out of the sample
     min_new_task_acc: float = 0.5  # learn gate: held-out accuracy on the new task
@@ -68,6 +85,7 @@ class AgentConfig:
         if self.model_bundle is not None:
             self.model_bundle = Path(self.model_bundle)
         self.checkpoint_dir = Path(self.checkpoint_dir)
+        self.recordings_dir = Path(self.recordings_dir)
         if self.keep_checkpoints < 2:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be >= 2 (rollback needs one)")
         _check_positive("stale_s", self.stale_s)
@@ -143,8 +161,8 @@ class ControlConfig:
     """The agent's control server (see ``runtime.control.ControlServer``)."""
 
     endpoint: str = "tcp://127.0.0.1:5570"  # bind (ROUTER)
-    insecure: bool = False  # True: no CurveZMQ (development only, logged as a WARNING)
-    keys_dir: Path = Path("keys/")  # server.key_secret + operators/*.key allow-list
+    insecure: bool = False  # --insecure only (refused in TOML): no CurveZMQ, loopback endpoints only, a WARNING
+    keys_dir: Path = Path("keys/")  # server.key_secret + operators/*.key and viewers/*.key allow-lists
     heartbeat_timeout_s: float = 10.0  # a console silent this long leaves the session table
     max_request_bytes: int = 65536  # larger frames get a "too_large" error reply
     hard_max_bytes: int = 1 << 20  # larger frames: the connection is dropped (ZMQ_MAXMSGSIZE)
@@ -155,6 +173,7 @@ class ControlConfig:
 
     def __post_init__(self) -> None:
         _check_endpoint("endpoint", self.endpoint)
+        _check_insecure("endpoint", self.insecure, self.endpoint)
         self.keys_dir = Path(self.keys_dir)
         _check_positive("heartbeat_timeout_s", self.heartbeat_timeout_s)
         if self.max_request_bytes < 64:
@@ -175,22 +194,36 @@ class ConsoleConfig:
     """The operator console (``python -m runtime.console``)."""
 
     connect: str = "tcp://127.0.0.1:5570"
-    insecure: bool = False
+    insecure: bool = False  # --insecure only (refused in TOML); loopback endpoints only
     keys_dir: Path = Path("keys/")
-    key_name: str | None = None  # operator key in keys_dir/clients/; None: the only one there
+    key_name: str | None = None  # console key (operator or viewer) in keys_dir/clients/; None: the only one
     timeout_s: float = 5.0  # per request; a lost reply is a timeout error
     poll_s: float = 0.25  # progress polling period while a job runs
 
     def __post_init__(self) -> None:
         _check_endpoint("connect", self.connect)
+        _check_insecure("connect", self.insecure, self.connect)
         self.keys_dir = Path(self.keys_dir)
         _check_positive("timeout_s", self.timeout_s)
         _check_positive("poll_s", self.poll_s)
 
 
+def load_section(cls: type[T], path: str | Path | None, section: str, **overrides: Any) -> T:
+    """``sensors.config.load_config`` that refuses the ``CLI_ONLY`` keys in the TOML file with a
+    message saying which flag replaced them (overrides, i.e. flags, may still set them)."""
+    if path is not None:
+        table = read_toml(path).get(section, {})
+        for key, flag in CLI_ONLY.items():
+            if isinstance(table, dict) and key in table:
+                raise ConfigError(f"[{section}] {key} = {table[key]!r} in {path}: {key!r} is now a command-line flag "
+                                  f"only; remove it from the file and start with {flag} (development only, loopback "
+                                  "endpoints only)")
+    return load_config(cls, path, section, **overrides)
+
+
 def load_runtime_config(path: str | Path | None = None, **agent_overrides: Any) -> tuple[AgentConfig, ControlConfig]:
     """The agent's two configs from one TOML file (``[agent]`` and ``[control]``)."""
     return (
-        load_config(AgentConfig, path, "agent", **agent_overrides),
-        load_config(ControlConfig, path, "control"),
+        load_section(AgentConfig, path, "agent", **agent_overrides),
+        load_section(ControlConfig, path, "control"),
     )

@@ -7,7 +7,7 @@ Usage::
     python -m runtime.console learn-new-task tools --labels hammer,wrench --source live:30
     python -m runtime.console teach hammer --seconds 5
     python -m runtime.console --json learn-new-task digits --labels 0,1,2 --source dataset:train
-    python -m runtime.console --insecure ping        # agent started with --insecure (dev only)
+    python -m runtime.console --insecure ping        # agent started with --insecure (dev only, loopback only)
 
 Subcommands: status, tasks, learn-new-task, teach, cancel, rollback, save, shutdown, ping.
 
@@ -19,12 +19,16 @@ reply is printed as one JSON object per line on stdout (job polls only when they
 and the last line is the final result.
 
 Keys: ``--keys DIR`` (default ``keys/``) holds ``server.key`` (the agent's public key) and
-``clients/NAME.key_secret`` (this operator; ``--key-name`` picks one when there are
-several); see ``python -m runtime.keys``. A key the agent does not allow gets no reply at
-all, which shows up here as a timeout.
+``clients/NAME.key_secret`` (this console; ``--key-name`` picks one when there are
+several; it must be mode 0600); see ``python -m runtime.keys``. A key the agent does not
+allow gets no reply at all, which shows up here as a timeout; a key revoked while this
+console is connected gets ``error revoked``, and a viewer key ``error forbidden`` for
+anything but status, tasks and ping. ``--insecure`` is a flag only (refused in a TOML file)
+and only for a loopback endpoint.
 
-Exit status: 0 ok, 1 the agent answered with an error or the job failed, 3 no reply
-(timeout) or unusable keys, 4 job cancelled, 130 interrupted.
+Exit status: 0 ok, 1 the agent answered with an error (forbidden, revoked...) or the job
+failed, 2 usage or config error, 3 no reply (timeout) or unusable keys, 4 job cancelled,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ from typing import Any
 import msgpack
 import zmq
 
-from runtime.config import ConsoleConfig
+from runtime.config import ConsoleConfig, load_section
 from runtime.control import parse_source
 from runtime.errors import ControlTimeoutError, KeyFileError, RemoteError
 from runtime.keys import client_keys, server_public_key
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import ConfigError, format_config
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", help="agent control endpoint (default tcp://127.0.0.1:5570)")
     sec = p.add_mutually_exclusive_group()
     sec.add_argument("--keys", dest="keys_dir", help="key directory (default keys/)")
-    sec.add_argument("--insecure", action="store_true", default=None, help="no CurveZMQ (dev agent only)")
-    p.add_argument("--key-name", help="operator key name in KEYS/clients/")
+    sec.add_argument("--insecure", action="store_true", default=None,
+                     help="no CurveZMQ (an agent started with --insecure; loopback endpoints only)")
+    p.add_argument("--key-name", help="console key name in KEYS/clients/ (operator or viewer)")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds to wait for each reply")
     p.add_argument("--json", action="store_true", help="one JSON object per reply on stdout")
     p.add_argument("--no-wait", action="store_true", help="do not follow a started job")
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        cfg = load_config(ConsoleConfig, ns.config, "console", connect=ns.connect, keys_dir=ns.keys_dir,
+        cfg = load_section(ConsoleConfig, ns.config, "console", connect=ns.connect, keys_dir=ns.keys_dir,
                           insecure=ns.insecure, key_name=ns.key_name, timeout_s=ns.timeout_s)
         _command_args(ns)
     except (ConfigError, ValueError) as exc:

@@ -8,7 +8,8 @@ Wire format (one frame; a REQ-style empty delimiter frame before it is also acce
 
 Error codes: ``malformed`` (not msgpack, or wrong framing), ``not_map``, ``bad_request``
 (missing/ill-typed id, cmd or args), ``too_large`` (frame over ``max_request_bytes``),
-``too_deep`` (nesting over ``max_depth``), ``unknown_command``, ``bad_args``, ``busy``,
+``too_deep`` (nesting over ``max_depth``), ``revoked`` (the key left the allow-list; id None),
+``forbidden`` (not for this key's role), ``unknown_command``, ``bad_args``, ``busy``,
 any ``CommandError.code`` a handler raises, and ``internal`` (a handler bug; logged with
 its traceback). Each is counted in ``stats()["errors"]``. Nothing a client sends can stop
 the loop. Frames over ``hard_max_bytes`` never reach Python: libzmq drops the connection
@@ -20,10 +21,11 @@ Why this shape:
   the built-in ``job`` command returns ``JobTracker.snapshot`` (progress 0..1, phase,
   state, result/error). Polling instead of a PUB event socket: one socket, one Curve
   setup, no slow-joiner losses, and every poll doubles as the console's heartbeat.
-- CurveZMQ with a ZAP allow-list (``zmq.auth.thread.ThreadAuthenticator`` over
-  ``keys/operators/``): an unknown key never gets a byte back. The directory is re-read
-  when it changes, so ``python -m runtime.keys create/revoke`` acts without a restart
-  (for new connections). ``insecure=True`` turns Curve off and says so with a WARNING.
+- CurveZMQ with an allow-list with roles (``runtime.access``: ``keys/operators/`` and
+  ``keys/viewers/``), asked at the handshake (ZAP) and again before *every* request, so a
+  revoked console is refused from its next request on (``revoked``) and a viewer key gets
+  ``forbidden`` for anything but status, tasks and ping; an unknown key never gets a byte
+  back. ``insecure=True`` (``--insecure``) turns Curve off, on loopback only, with a WARNING.
 - ROUTER_MANDATORY off, bounded SNDHWM and non-blocking sends: a console that stopped
   reading loses its replies, the server never waits for it.
 - Sessions: every request (``ping`` included) refreshes its client's entry; entries not
@@ -53,9 +55,9 @@ from typing import Any
 import msgpack
 import zmq
 
+from runtime import access as acl
 from runtime.config import ControlConfig
 from runtime.errors import BusyError, CommandError, JobCancelledError
-from runtime.keys import allow_list_dir, server_keys
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,10 @@ def validate_args(cmd: str, schema: dict[str, Arg], args: dict[str, Any]) -> dic
     return out
 
 
-def parse_source(text: str) -> dict[str, Any]:
-    """``live:SECONDS`` | ``mcap:PATH`` | ``dataset:SPLIT`` -> ``{"kind", "seconds"|"path"|"split"}``."""
+def parse_source(text: str, recordings_dir: str | Path | None = None) -> dict[str, Any]:
+    """``live:SECONDS`` | ``mcap:PATH[,PATH...]`` | ``dataset:SPLIT`` -> ``{"kind", "seconds"|"path"|"split"}``.
+    mcap paths must lie inside the agent's ``recordings_dir`` (``runtime.access.recording_path``): the agent
+    passes it and gets resolved absolute paths; a console passes None (form only)."""
     kind, sep, rest = str(text).partition(":")
     if not sep or not rest:
         raise ValueError("source must be live:SECONDS, mcap:PATH or dataset:SPLIT")
@@ -148,7 +152,7 @@ def parse_source(text: str) -> dict[str, Any]:
             raise ValueError(f"live:{rest} seconds must be in (0, 3600]")
         return {"kind": "live", "seconds": seconds}
     if kind == "mcap":
-        return {"kind": "mcap", "path": rest}
+        return {"kind": "mcap", "path": ",".join(acl.recording_path(p, recordings_dir) for p in rest.split(","))}
     if kind == "dataset":
         return {"kind": "dataset", "split": rest}
     raise ValueError(f"unknown source kind {kind!r}; expected live, mcap or dataset")
@@ -328,6 +332,7 @@ class _Session:
     first_ns: int
     last_ns: int
     user: str | None
+    grant: acl.Grant | None = None  # key name and role (None: insecure)
     requests: int = 0
 
 
@@ -337,6 +342,7 @@ class _Stats:
     replies: int = 0
     dropped_replies: int = 0
     sessions_dropped: int = 0
+    sessions_revoked: int = 0
     errors: Counter = field(default_factory=Counter)
     commands: Counter = field(default_factory=Counter)
 
@@ -378,7 +384,7 @@ class ControlServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._allow_mtime: float | None = None
+        self.access: acl.AccessList | None = None  # None while insecure
         self.register("ping", self._ping, {}, help="heartbeat; refreshes this console's session")
         self.register("help", self._help, {}, help="list commands and their arguments")
         if jobs is not None:
@@ -449,13 +455,14 @@ class ControlServer:
         with self._lock:
             s = self._stats
             return {"requests": s.requests, "replies": s.replies, "dropped_replies": s.dropped_replies,
-                    "sessions_dropped": s.sessions_dropped, "errors": dict(s.errors),
-                    "commands": dict(s.commands)}
+                    "sessions_dropped": s.sessions_dropped, "sessions_revoked": s.sessions_revoked,
+                    "errors": dict(s.errors), "commands": dict(s.commands)}
 
     def sessions(self) -> list[dict[str, Any]]:
         now = time.time_ns()
         with self._lock:
-            return [{"client": ident.hex(), "user": s.user, "requests": s.requests,
+            return [{"client": ident.hex(), "user": s.user, "key": s.grant.name if s.grant else None,
+                     "role": s.grant.role if s.grant else "operator", "requests": s.requests,
                      "idle_s": (now - s.last_ns) / 1e9, "age_s": (now - s.first_ns) / 1e9}
                     for ident, s in self._sessions.items()]
 
@@ -471,37 +478,20 @@ class ControlServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.hard_max_bytes)
         if cfg.insecure:
-            log.warning("control server on %s is INSECURE: no CurveZMQ, any client on the network "
+            acl.check_insecure_endpoint(cfg.endpoint)
+            log.warning("control server on %s is INSECURE: no CurveZMQ, anyone on this machine "
                         "can command this robot (development only)", cfg.endpoint)
-            sock.bind(cfg.endpoint)
+            acl.bind(sock, cfg.endpoint)
         else:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            public, secret = server_keys(cfg.keys_dir)
-            allow = allow_list_dir(cfg.keys_dir)
-            sock.curve_secretkey = secret
-            sock.curve_publickey = public
-            sock.curve_server = True
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
-            auth.start()
+            self.access, auth = acl.serve_curve(ctx, sock, cfg.keys_dir)
             try:
-                self._load_allow_list(auth, allow)
-                sock.bind(cfg.endpoint)
+                acl.bind(sock, cfg.endpoint)
             except BaseException:
                 auth.stop()
                 raise
         self.endpoint = sock.last_endpoint.decode()
         log.info("control server on %s (%s)", self.endpoint, "insecure" if cfg.insecure else "CurveZMQ")
         return auth
-
-    def _load_allow_list(self, auth: Any, allow: Path) -> None:
-        self._allow_mtime = allow.stat().st_mtime
-        auth.configure_curve(domain="*", location=str(allow))
-        n = len(list(allow.glob("*.key")))
-        log.info("allow-list %s: %d operator key(s)", allow, n)
-        if n == 0:
-            log.warning("allow-list %s is empty: no console can connect "
-                        "(python -m runtime.keys create NAME)", allow)
 
     def _run(self) -> None:
         ctx = zmq.Context()
@@ -531,22 +521,24 @@ class ControlServer:
                 if now - last_housekeeping > 0.5:
                     last_housekeeping = now
                     self._prune_sessions()
-                    if auth is not None:
-                        self._maybe_reload(auth)
+                    if self.access is not None:  # keys revoked while their consoles are silent
+                        self.access.reload_if_changed()
+                        self._drop_revoked()
         finally:
             sock.close(0)
             if auth is not None:
                 auth.stop()
             ctx.term()
 
-    def _maybe_reload(self, auth: Any) -> None:
-        allow = Path(self.config.keys_dir) / "operators"
-        try:
-            mtime = allow.stat().st_mtime
-        except OSError:
-            return
-        if mtime != self._allow_mtime:
-            self._load_allow_list(auth, allow)
+    def _drop_revoked(self, only: bytes | None = None) -> None:
+        """Drop the sessions (or the one of ``only``) whose key left the allow-list."""
+        with self._lock:
+            gone = [k for k, s in self._sessions.items() if only in (None, k) and self.access.lookup(s.user) is None]
+            for k in gone:
+                s = self._sessions.pop(k)
+                self._stats.sessions_revoked += 1
+                log.warning("console %s (key %s) revoked: session dropped, its requests are refused", k.hex(),
+                            s.grant.name if s.grant else s.user)
 
     def _prune_sessions(self) -> None:
         limit = time.time_ns() - int(self.config.heartbeat_timeout_s * 1e9)
@@ -565,25 +557,30 @@ class ControlServer:
         if len(body) == 2 and len(body[0]) == 0:
             envelope.append(b"")
             body = body[1:]
+        try:
+            user = (body[-1].get("User-Id") or None) if body else None
+        except (zmq.ZMQError, UnicodeDecodeError):
+            user = None
+        grant = self.access.check(user) if self.access is not None else None  # per request: revocation acts now
+        revoked = self.access is not None and grant is None  # revoked while connected: refused, session dropped
         with self._lock:
             self._stats.requests += 1
-            user = None
-            if body:
-                try:
-                    user = body[-1].get("User-Id") or None
-                except (zmq.ZMQError, UnicodeDecodeError):
-                    user = None
             now = time.time_ns()
             sess = self._sessions.get(ident)
-            if sess is None:
-                sess = self._sessions[ident] = _Session(now, now, user)
-                log.info("new console session %s (%s)", ident.hex(), user or "no key")
-            sess.last_ns, sess.requests = now, sess.requests + 1
+            if sess is None and not revoked:
+                sess = self._sessions[ident] = _Session(now, now, user, grant)
+                log.info("new console session %s (%s)", ident.hex(), grant or "insecure")
+            if sess is not None:
+                sess.last_ns, sess.requests, sess.grant = now, sess.requests + 1, grant
+        if revoked:
+            self._drop_revoked(ident)
+            return self._send(sock, envelope, None, self._error_reply(None, "revoked", (
+                "this console's key is no longer on the agent's allow-list (revoked): request refused")))
         req_id, reply = None, None
         if len(body) != 1:
             reply = self._error_reply(None, "malformed", f"expected 1 frame after the identity, got {len(body)}")
         else:
-            req_id, reply = self._handle(body[0], user)
+            req_id, reply = self._handle(body[0], grant)
         self._send(sock, envelope, req_id, reply)
 
     def _error_reply(self, req_id: Any, code: str, message: str) -> dict[str, Any]:
@@ -591,7 +588,7 @@ class ControlServer:
             self._stats.errors[code] += 1
         return {"id": req_id, "ok": False, "error": {"code": code, "message": message}}
 
-    def _handle(self, frame: zmq.Frame, user: str | None) -> tuple[Any, dict[str, Any]]:
+    def _handle(self, frame: zmq.Frame, grant: acl.Grant | None) -> tuple[Any, dict[str, Any]]:
         cfg = self.config
         if len(frame) > cfg.max_request_bytes:
             return None, self._error_reply(None, "too_large",
@@ -616,13 +613,16 @@ class ControlServer:
         if not isinstance(cmd, str) or not isinstance(args, dict) or set(req) - {"id", "cmd", "args"}:
             return req_id, self._error_reply(req_id, "bad_request",
                                              "request must be {'id', 'cmd': str, 'args': map}")
+        why = acl.forbidden(grant.role, cmd) if grant is not None else None  # None: insecure, loopback only
+        if why is not None:
+            return req_id, self._error_reply(req_id, "forbidden", why)
         command = self._commands.get(cmd)
         if command is None:
             return req_id, self._error_reply(req_id, "unknown_command",
                                              f"unknown command {cmd[:64]!r}; known: {sorted(self._commands)}")
         with self._lock:
             self._stats.commands[cmd] += 1
-        (log.debug if cmd in QUIET_COMMANDS else log.info)("command %s %s from %s", cmd, args, user or "insecure")
+        (log.debug if cmd in QUIET_COMMANDS else log.info)("command %s %s from %s", cmd, args, grant or "insecure")
         t0 = time.monotonic()
         try:
             result = command.fn(**validate_args(cmd, command.schema, args))

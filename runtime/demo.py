@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import zmq
 
+from runtime.access import is_loopback
+from runtime.config import load_section
 from runtime.console import ControlClient
 from runtime.scripted import LiveMonitor, class_ids, learn_live, show_sequence, wait_job
-from sensors.config import ConfigError, format_config, load_config
+from sensors.config import ConfigError, format_config
 
 log = logging.getLogger("continua.demo")
 
@@ -49,7 +51,7 @@ class DemoConfig:
     scene: str = "tcp://127.0.0.1:5557"  # the publishers' scene control
     keys_dir: Path = Path("state/demo/keys")
     key_name: str = "demo"
-    insecure: bool = False
+    insecure: bool = False  # --insecure only (refused in TOML): the agent was started with --insecure
     tasks: list[list[str]] = field(default_factory=lambda: [["t-shirt", "trouser"], ["pullover", "dress"],
                                                              ["coat", "sandal"], ["shirt", "sneaker"], ["bag", "ankle boot"]])
     live_tasks: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # taught live; the others: dataset:train
@@ -73,6 +75,8 @@ class DemoConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.reps < 1:
             raise ValueError(f"reps={self.reps!r} must be >= 1")
+        if self.insecure and not is_loopback(self.control):
+            raise ValueError(f"--insecure refuses control={self.control!r}: without CurveZMQ only a loopback endpoint")
 
 
 def _plot(matrix: list[list[float | None]], names: list[str], live: list[float | None], path: Path) -> None:
@@ -206,11 +210,12 @@ def _print_matrix(matrix: list[list[float | None]], names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="TOML file with a [demo] table")
-    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no CurveZMQ: the agent runs --insecure (development only, loopback only; a flag only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(DemoConfig, args.config, "demo", insecure=True if args.insecure else None)
+        cfg = load_section(DemoConfig, args.config, "demo", insecure=True if args.insecure else None)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

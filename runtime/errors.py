@@ -60,7 +60,12 @@ class RemoteError(ControlError):
 
 
 class KeyFileError(ContinuaRuntimeError):
-    """A CurveZMQ key file or key directory is missing or unusable."""
+    """A CurveZMQ key file or key directory is missing or unusable (or a secret key others can read)."""
+
+
+class EndpointError(ContinuaRuntimeError):
+    """An endpoint the agent must bind is unusable: in use, not an address of this machine, or
+    not a loopback address while ``--insecure`` is on. The agent exits 2 with this one line."""
 
 
 class CheckpointError(ContinuaRuntimeError):

@@ -58,7 +58,7 @@ def served_from(files: StateFiles, version: int, threads: int = 1, device: str =
 
 class Agent:
     def __init__(self, cfg: AgentConfig, control: ControlConfig, serve: ServeConfig, learner: LearnerConfig,
-                 *, context: zmq.Context | None = None) -> None:
+                 *, intake: IntakeConfig | None = None, context: zmq.Context | None = None) -> None:
         self.cfg, self.serve_cfg, self.learner_cfg = cfg, serve, learner
         self.ctx = context or zmq.Context.instance()
         if cfg.model_bundle is not None:
@@ -72,9 +72,9 @@ class Agent:
         self.audio = AudioTapStream(IncrementalAudioExtractor(cfg.model_dir, "torch" if cfg.backend == "torch"
                                                               else "onnxruntime", threads=th, build=False))
         self.imu = ImuTapStream(load_backend("imu", cfg.backend, cfg.model_dir, build=False, threads=th))
-        self.intake = SensorIntake(IntakeConfig(endpoints=cfg.sensors, stale_s=cfg.stale_s, camera_topic=serve.camera_topic,
-                                                mic_topic=serve.mic_topic, imu_topic=serve.imu_topic), self.ctx,
-                                   audio=self.audio, imu=self.imu)
+        icfg = intake or IntakeConfig(endpoints=cfg.sensors, stale_s=cfg.stale_s, camera_topic=serve.camera_topic,
+                                      mic_topic=serve.mic_topic, imu_topic=serve.imu_topic)
+        self.intake = SensorIntake(icfg, self.ctx, audio=self.audio, imu=self.imu)
         self.server = Server(serve, intake=self.intake, image=self.image, audio=self.audio, imu=self.imu, dims=self.dims,
                              endpoint=cfg.predictions, context=self.ctx)
         self.store = CheckpointStore(cfg.checkpoint_dir, keep=cfg.keep_checkpoints)
@@ -213,6 +213,8 @@ class Agent:
             "sensors": health,
             "stale": [m for m, h in health.items() if not h["healthy"]],
             "intake": self.intake.reader_stats(),
+            "control": self.control.stats(),  # requests that reached the server, errors by code
+            "checkpoints": self.store.stats(),  # corrupt checkpoints moved aside, by reason
             "errors": srv["errors"],
             "job": job,
             "worker_pid": self.learning.worker_pid,
@@ -272,13 +274,14 @@ class Agent:
         c.register("tasks", lambda: {"tasks": [dict(t) for t in self.tasks]}, COMMANDS["tasks"], help="learned tasks")
 
         def learn(name: str, labels: list[str], source: str) -> dict[str, Any]:
-            src = {"kind": "taught"} if source == "taught" else parse_source(source)
+            src = {"kind": "taught"} if source == "taught" else parse_source(source, self.cfg.recordings_dir)
             job = self.jobs.start("learn-new-task", lambda h: self._job(h, self.learning.learn, name, labels, src),
                                   meta={"task": name, "labels": labels, "source": source})
             return {"job": job}
 
         schema = dict(COMMANDS["learn-new-task"])
-        schema["source"] = Arg(str, required=True, max=4096, check=lambda s: s == "taught" or parse_source(s),
+        schema["source"] = Arg(str, required=True, max=4096,  # mcap: inside [agent] recordings_dir only
+                               check=lambda s: s == "taught" or parse_source(s, self.cfg.recordings_dir),
                                help="live:SECONDS | mcap:PATH[,PATH...] | dataset:SPLIT | taught")
         c.register("learn-new-task", learn, schema, help="learn a new task in the background")
 
@@ -335,7 +338,7 @@ def _rss_mb() -> float | None:
 def initial_task(agent: Agent, spec: str, timeout_s: float = 600.0) -> dict[str, Any] | None:
     """Learn ``name:label,label:source`` at first start (no checkpoint yet) and wait for it."""
     name, labels, source = spec.split(":", 2)
-    src = {"kind": "taught"} if source == "taught" else parse_source(source)
+    src = {"kind": "taught"} if source == "taught" else parse_source(source, agent.cfg.recordings_dir)
     job = agent.jobs.start("initial-task", lambda h: agent._job(h, agent.learning.learn, name, labels.split(","), src))
     t_end = time.monotonic() + timeout_s
     snap = agent.jobs.wait(job, timeout_s=timeout_s)

@@ -194,3 +194,33 @@ def test_curve_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert server.sessions()[0]["user"] == keys.client_keys(tmp_path, "bob")[0].decode()
         # two operator keys and none named: refuse locally
         assert console.main(["--connect", server.endpoint, "--keys", str(tmp_path), "status"]) == 3
+
+
+def test_insecure_is_a_flag_only_and_loopback_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "console.toml"
+    old.write_text('[console]\nconnect = "tcp://127.0.0.1:5570"\ninsecure = true\n')
+    assert console.main(["--config", str(old), "status"]) == 2
+    err = capsys.readouterr().err
+    assert "'insecure' is now a command-line flag only" in err and "--insecure" in err and str(old) in err
+    # the flag is refused for an endpoint off this machine: nothing is sent in the clear
+    assert console.main(["--connect", "tcp://10.1.2.3:5570", "--insecure", "status"]) == 2
+    assert "loopback" in capsys.readouterr().err
+    assert console.main(["--config", str(tmp_path / "none.toml"), "status"]) == 2  # a missing file is named
+    assert "none.toml" in capsys.readouterr().err
+
+
+def test_viewer_console_is_refused_what_it_may_not_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys.create("server", tmp_path)
+    keys.create("wall", tmp_path, role="viewer")
+    fake = FakeAgent()
+    server = ControlServer(ControlConfig(endpoint="tcp://127.0.0.1:*", keys_dir=tmp_path), jobs=fake.jobs)
+    fake.attach(server)
+    with server:
+        base = ["--connect", server.endpoint, "--keys", str(tmp_path), "--key-name", "wall"]
+        code, lines = run_json(capsys, [*base, "--json", "status"])
+        assert code == 0 and lines[-1]["result"]["model_version"] == 3
+        code, lines = run_json(capsys, [*base, "--json", "shutdown"])
+        assert code == 1 and lines[-1]["error"]["code"] == "forbidden"
+        assert console.main([*base, "learn-new-task", "x", "--labels", "a", "--source", "live:1"]) == 1
+        assert "error forbidden: 'learn-new-task' is forbidden for role viewer" in capsys.readouterr().err
+        assert fake.calls == [] and server.stats()["errors"] == {"forbidden": 2}

@@ -1,4 +1,5 @@
-"""ControlServer over real sockets on 127.0.0.1: replies, error codes, CurveZMQ, sessions, jobs."""
+"""ControlServer over real sockets on 127.0.0.1: replies, error codes, CurveZMQ, roles and
+revocation, sessions, jobs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from runtime import keys
 from runtime.config import ControlConfig
 from runtime.console import ControlClient
 from runtime.control import COMMANDS, Arg, ControlServer, JobHandle, JobTracker, validate_args
-from runtime.errors import CommandError, ControlTimeoutError, RemoteError
+from runtime.errors import CommandError, ControlTimeoutError, EndpointError, KeyFileError, RemoteError
 
 EP = "tcp://127.0.0.1:*"
 
@@ -239,6 +240,95 @@ def test_insecure_warns(caplog: pytest.LogCaptureFixture) -> None:
 def test_missing_server_key_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no server key"):
         ControlServer(ControlConfig(endpoint=EP, keys_dir=tmp_path)).start()
+
+
+def test_too_open_server_key_fails_at_start(tmp_path: Path) -> None:
+    keys.create("server", tmp_path)
+    (tmp_path / "server.key_secret").chmod(0o644)
+    with pytest.raises(KeyFileError, match=r"server.key_secret is accessible by group or others \(mode 0644\).*chmod 600"):
+        ControlServer(ControlConfig(endpoint=EP, keys_dir=tmp_path)).start()
+
+
+def test_insecure_only_on_loopback() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        ControlConfig(endpoint="tcp://0.0.0.0:5570", insecure=True)
+    cfg = ControlConfig(endpoint="tcp://*:*")
+    cfg.insecure = True  # switched on behind the config's checks: the server refuses it before binding
+    with pytest.raises(EndpointError, match="--insecure refuses the control endpoint tcp://\\*:\\*"):
+        ControlServer(cfg).start()
+
+
+def test_control_port_in_use_is_one_clear_error() -> None:
+    with ControlServer(ControlConfig(endpoint=EP, insecure=True)) as first:
+        second = ControlServer(ControlConfig(endpoint=first.endpoint, insecure=True))
+        with pytest.raises(EndpointError, match=f"cannot bind the control endpoint {first.endpoint}: .*in use"):
+            second.start()
+
+
+def test_revoked_key_loses_its_live_session(tmp_path: Path) -> None:
+    """Item: a key revoked while its console is connected must not keep control."""
+    keys.create("server", tmp_path)
+    keys.create("alice", tmp_path)
+    keys.create("bob", tmp_path)
+    calls = Calls()
+    with (_server(ControlConfig(endpoint=EP, keys_dir=tmp_path), calls) as server,
+          ControlClient(server.endpoint, keys_dir=tmp_path, key_name="alice", timeout_s=5) as alice,
+          ControlClient(server.endpoint, keys_dir=tmp_path, key_name="bob", timeout_s=5) as bob):
+        assert alice.request("add", {"a": 1}) == {"sum": 2}
+        assert bob.request("ping")["pong"]
+        assert sorted((s["key"], s["role"]) for s in server.sessions()) == [("alice", "operator"), ("bob", "operator")]
+        assert keys.revoke("alice", tmp_path)
+        # the same connection, the very next request: refused, nothing runs
+        reply = alice.call("add", {"a": 1})
+        assert reply["ok"] is False and reply["error"]["code"] == "revoked"
+        assert "no longer on the agent's allow-list" in reply["error"]["message"]
+        with pytest.raises(RemoteError, match="revoked"):
+            alice.request("ping")
+        assert calls.n == 1
+        assert [s["key"] for s in server.sessions()] == ["bob"]
+        assert bob.request("add", {"a": 2}) == {"sum": 3}  # the others keep working
+        stats = server.stats()
+        assert stats["errors"]["revoked"] == 2 and stats["sessions_revoked"] == 1
+        # a new connection with the revoked key gets nothing at all (refused at the handshake)
+        with (ControlClient(server.endpoint, keys_dir=tmp_path, key_name="alice", timeout_s=0.7) as again,
+              pytest.raises(ControlTimeoutError)):
+            again.request("ping")
+        # a silent console whose key is revoked leaves the session table without sending anything
+        assert keys.revoke("bob", tmp_path)
+        assert wait_until(lambda: not server.sessions(), 5)
+        assert server.stats()["sessions_revoked"] == 2 and server.stats()["errors"]["revoked"] == 2
+        with pytest.raises(RemoteError, match="revoked"):
+            bob.request("ping")
+    assert calls.n == 2
+
+
+def test_viewer_key_may_only_look(tmp_path: Path) -> None:
+    """Item: a viewer key gets status, tasks and ping; anything else is "forbidden for role viewer"."""
+    keys.create("server", tmp_path)
+    keys.create("val", tmp_path, role="viewer")
+    calls, stops = Calls(), []
+    server = _server(ControlConfig(endpoint=EP, keys_dir=tmp_path), calls, JobTracker())
+    server.register("status", lambda: {"model_version": 3}, COMMANDS["status"])
+    server.register("tasks", lambda: {"tasks": ["a"]}, COMMANDS["tasks"])
+    server.register("shutdown", lambda: stops.append(1) or {"stopping": True}, COMMANDS["shutdown"])
+    server.register("rollback", lambda: stops.append(2) or {}, COMMANDS["rollback"])
+    with server, ControlClient(server.endpoint, keys_dir=tmp_path, key_name="val", timeout_s=5) as viewer:
+        assert viewer.request("status") == {"model_version": 3}
+        assert viewer.request("tasks") == {"tasks": ["a"]}
+        assert viewer.request("ping")["pong"] is True
+        refused = [("shutdown", {}), ("rollback", {}), ("add", {"a": 1}), ("job", {}), ("help", {}), ("nope", {})]
+        for cmd, args in refused:
+            with pytest.raises(RemoteError) as err:
+                viewer.request(cmd, args)
+            assert err.value.code == "forbidden" and "forbidden for role viewer" in err.value.message, cmd
+        assert stops == [] and calls.n == 0
+        stats = server.stats()
+        assert stats["errors"] == {"forbidden": len(refused)} and "shutdown" not in stats["commands"]
+        assert [s["role"] for s in server.sessions()] == ["viewer"]
+        # promoted to operator (its key moved to operators/): the next request may shut down
+        (tmp_path / "viewers" / "val.key").rename(tmp_path / "operators" / "val.key")
+        assert viewer.request("shutdown") == {"stopping": True} and stops == [1]
+        assert [s["role"] for s in server.sessions()] == ["operator"]
 
 
 def test_silent_console_is_dropped() -> None:
