@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# constraints.txt holds torch/torchvision/torchaudio exactly: pip never picks a torch.
+	@$(BIN)/python -m pip uninstall -q -y continua 2>/dev/null || true; rm -rf continua.egg-info  # the name before continua-robot
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
 	@touch $(STAMP)
 
@@ -58,6 +59,13 @@ robot-check: venv data
 	$(BIN)/python -m export build
 	$(BIN)/python -m export bundle --out models --file build/robot-check/models.tar
 	ROBOT_PY=$(ROBOT_PY) ROBOT_TORCH=$(ROBOT_TORCH) .ci/robot-install-check build/robot-check/models.tar
+
+# Every figure the README quotes, regenerated on purpose (about an hour on 2 cores; results in
+# the ignored benchmarks/results/). Each line is the command named in the README's heading.
+BENCHMARKS := backbones transport "continual --scenario class --seeds 3" method live "pipeline --seconds 15" \
+	"reliability --minutes 10 --restarts 6" serving_memory
+bench: venv sysdeps data
+	@for b in $(BENCHMARKS); do echo "python -m benchmarks.$$b"; $(BIN)/python -m benchmarks.$$b || exit $$?; done
 
 clean:
 	rm -rf data models engines benchmarks/results/*.json benchmarks/results/*.png

@@ -30,6 +30,7 @@ import zmq
 from runtime import keys
 from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError
+from sensors.durable import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"  # ignored by git: runs leave the tree clean
@@ -151,7 +152,7 @@ class Proc:
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.log_path = name, log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
-        full_env = {k: v for k, v in os.environ.items() if k != SLOW_SAVE_ENV}
+        full_env = {k: v for k, v in os.environ.items() if k not in (SLOW_SAVE_ENV, FAULT_ENV)}  # only on purpose
         full_env.update(PYTHONUNBUFFERED="1", **(env or {}))
         self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                       env=full_env, start_new_session=True)

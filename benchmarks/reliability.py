@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.reliability                 # 10-minute soak, 10 random kills
+    python -m benchmarks.reliability                 # 10-minute soak, 10 kills (fault points + random)
     python -m benchmarks.reliability --minutes 3     # shorter soak
 
 Everything runs as real processes on 127.0.0.1: dataset publishers
@@ -11,8 +11,10 @@ Everything runs as real processes on 127.0.0.1: dataset publishers
 ``tests/runtime/test_reliability.py`` (via ``tests/runtime/conftest.py``): free ports, keys,
 config TOML, bounded start/stop. The report then runs
 
-- a randomised SIGKILL/restart loop (idle, capture, training, checkpoint write), checking
-  after each restart that the agent resumed the last committed state bit for bit;
+- a SIGKILL/restart loop (``benchmarks.kill_loop``): at each named fault point of a checkpoint
+  write in turn (``kill_points`` counts them), and at random moments of idle, capture, training
+  and saves, checking after each restart that the agent resumed the last committed state bit
+  for bit;
 - a flood of malformed sensor messages (random bytes and mutated valid messages) while
   serving, with p99 prediction latency compared to a clean run measured just before;
 - a flood of control requests without a valid CurveZMQ key;
@@ -26,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,12 +37,11 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import torch
 import zmq
 
 from benchmarks.harness import (
     REPO,
-    SLOW_SAVE_ENV,
+    SLOW_SAVE_ENV,  # noqa: F401 - the tests import it from here
     Agent,
     AgentSetup,
     Proc,
@@ -53,50 +52,11 @@ from benchmarks.harness import (
     start_publisher,
     subscribe_predictions,
 )
+from benchmarks.kill_loop import committed, diff_states, kill_loop, load_copy  # noqa: F401 - shared with the tests
 from runtime import keys
-from runtime.checkpoints import CheckpointStore
-from runtime.errors import ControlTimeoutError, RemoteError
 
 TASK0 = ["t-shirt", "trouser"]
 TASK1 = ["pullover", "dress"]
-
-
-# --------------------------------------------------------------------------- committed state
-def committed(state_dir: Path) -> tuple[dict, dict] | None:
-    """(state, meta) of the latest good checkpoint, read from a *copy* (nothing moves on disk)."""
-    if not state_dir.is_dir():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "s"
-        shutil.copytree(state_dir, copy, ignore=shutil.ignore_patterns(".tmp-*"))
-        try:
-            res = CheckpointStore(copy).load_latest()
-        except Exception:
-            return None
-        return res.state, res.meta
-
-
-def diff_states(a: Any, b: Any, where: str = "") -> list[str]:
-    """Differences between two checkpoint states (empty: bit-identical)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-              and a.shape == b.shape and torch.equal(a, b))
-        return [] if ok else [where]
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        ok = (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-              and a.shape == b.shape and a.tobytes() == b.tobytes())
-        return [] if ok else [where]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where} keys {sorted(map(str, set(a) ^ set(b)))}"]
-        return [d for k in a for d in diff_states(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{where} len {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in diff_states(x, y, f"{where}[{i}]")]
-    if a != b and not (isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b)):
-        return [f"{where}: {a!r} != {b!r}"]
-    return []
 
 
 # --------------------------------------------------------------------------- malformed sensor messages
@@ -279,81 +239,20 @@ def make_baseline(root: Path, sensors: Sensors, tasks: int = 2) -> dict[str, Pat
     return out
 
 
-# --------------------------------------------------------------------------- randomised kill loop
-LABEL_PAIRS = [["pullover", "dress"], ["coat", "sandal"], ["shirt", "sneaker"], ["bag", "ankle boot"]]
-
-
-def _same(a: tuple | None, b: tuple | None) -> bool:
-    return a is not None and b is not None and not diff_states(a[0], b[0]) and not diff_states(a[1], b[1])
-
-
-def kill_loop(setup: AgentSetup, *, restarts: int, seed: int = 0, slow_save_s: float = 0.02,
-              progress: Any = None) -> dict[str, Any]:
-    """SIGKILL the agent at a random moment of a random activity, restart, verify.
-
-    Verified: the committed state only moves forward (the same one bit for bit, or a newer
-    complete one), the restarted agent reports it (version, tasks) and holds it in memory
-    (a ``save`` right after the restart writes the same arrays). ``slow_save_s`` stretches
-    saves (test hook) so that random kills land inside checkpoint writes too.
-    """
-    rng = random.Random(seed)
-    env = {SLOW_SAVE_ENV: str(slow_save_s)} if slow_save_s else None
-    agent = Agent(setup, env=env, tag="loop-0")
-    agent.wait_ready(90, predictions=False)
-    res: dict[str, Any] = {"restarts": 0, "verified": 0, "states_lost": 0, "actions": {}, "phases": {},
-                           "versions_committed": [], "failures": []}
-    for i in range(restarts):
-        before = committed(setup.state)
-        action = rng.choice(["idle", "capture", "learn", "learn", "save"])
-        n_tasks = len(before[1]["tasks"]) if before else 0
-        if action == "learn" and n_tasks > len(LABEL_PAIRS):
-            action = "save"
-        try:
-            if action == "capture":
-                agent.client.request("teach", {"label": "mug", "seconds": 3.0})
-            elif action == "learn":
-                agent.learn(f"task{n_tasks}-{i}", LABEL_PAIRS[n_tasks - 1])
-            elif action == "save":
-                agent.client.call("save", timeout_s=0.05)
-        except (ControlTimeoutError, RemoteError):
-            pass
-        time.sleep(rng.uniform(0.0, 14.0 if action == "learn" else 2.0))
-        try:
-            job = agent.client.request("status", timeout_s=1.0)["job"]
-            phase = job["phase"].split(" ")[0] if job and job["state"] == "running" else "idle"
-        except (ControlTimeoutError, RemoteError):
-            phase = "busy"
-        agent.kill()
-        after = committed(setup.state)
-        ok = after is not None and (_same(before, after) or after[1]["version"] > before[1]["version"])
-        agent = Agent(setup, env=env, tag=f"loop-{i + 1}")
-        st = agent.wait_ready(90, predictions=False)
-        ok = ok and st["model_version"] == after[1]["version"] and st["tasks"] == [t["name"] for t in after[1]["tasks"]]
-        agent.client.request("save", timeout_s=30.0)
-        ok = ok and _same(after, committed(setup.state))
-        res["restarts"] += 1
-        res["verified"] += int(ok)
-        res["states_lost"] += int(not ok)
-        res["actions"][action] = res["actions"].get(action, 0) + 1
-        res["phases"][phase] = res["phases"].get(phase, 0) + 1
-        res["versions_committed"].append(after[1]["version"] if after else None)
-        if not ok:
-            res["failures"].append({"i": i, "action": action, "phase": phase, "status": st})
-        if progress is not None:
-            progress(i, action, phase, ok)
-    agent.stop()
-    return res
-
-
 # --------------------------------------------------------------------------- report
 def unauth_flood(setup: AgentSetup, root: Path, *, requests: int) -> dict[str, int]:
-    """Control requests from clients without a valid key (no Curve, unknown key): replies received."""
+    """Control requests from clients without a valid key (no Curve, unknown key).
+
+    ``tried`` counts send calls; ``sent`` only those zmq took (``zmq.Again`` means the request
+    never left this client, so it is counted as ``not_sent``); ``replies`` counts answers. The
+    agent's own count of requests that reached its control server is the caller's to take
+    (``status()["control"]["requests"]`` before and after)."""
     other = root / "mallory-keys"
     if not other.exists():
         keys.create("mallory", other)
         shutil.copy(setup.kdir / "server.key", other / "server.key")
     ctx = zmq.Context()
-    sent = replies = 0
+    tried = sent = replies = 0
     try:
         pub, sec = keys.client_keys(other, "mallory")
         socks = []
@@ -366,13 +265,14 @@ def unauth_flood(setup: AgentSetup, root: Path, *, requests: int) -> dict[str, i
             socks.append(s)
         cmds = ["shutdown", "rollback", "save", "status", "learn-new-task"]
         end = time.monotonic() + 60.0
-        while sent < requests and time.monotonic() < end:
-            s = socks[sent % len(socks)]
+        while tried < requests and time.monotonic() < end:
+            s = socks[tried % len(socks)]
             try:
-                s.send(msgpack.packb({"id": sent, "cmd": cmds[sent % len(cmds)], "args": {}}), zmq.NOBLOCK)
+                s.send(msgpack.packb({"id": tried, "cmd": cmds[tried % len(cmds)], "args": {}}), zmq.NOBLOCK)
+                sent += 1
             except zmq.Again:
                 time.sleep(0.001)
-            sent += 1
+            tried += 1
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             for s in socks:
@@ -382,7 +282,7 @@ def unauth_flood(setup: AgentSetup, root: Path, *, requests: int) -> dict[str, i
             time.sleep(0.05)
     finally:
         ctx.destroy(0)
-    return {"tried": sent, "accepted": replies}
+    return {"tried": tried, "sent": sent, "not_sent": tried - sent, "replies": replies}
 
 
 def _p99(preds: list[dict]) -> float | None:
@@ -392,7 +292,7 @@ def _p99(preds: list[dict]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="soak length")
-    ap.add_argument("--restarts", type=int, default=10, help="random kill/restart cycles")
+    ap.add_argument("--restarts", type=int, default=10, help="kill/restart cycles (each checkpoint fault point, then random)")
     ap.add_argument("--flood-rate", type=float, default=5000.0, help="malformed messages per second sent")
     ap.add_argument("--flood-seconds", type=float, default=22.0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -407,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             loop = kill_loop(fresh_setup(root, sensors, base["v1"], "loop"), restarts=args.restarts, seed=int(time.time()),
                              progress=lambda i, a, p, ok: print(f"  restart {i + 1}: {a} ({p}) ok={ok}", file=sys.stderr))
             res.update(restarts=loop["restarts"], committed_states_verified=loop["verified"],
-                       states_lost=loop["states_lost"], kill_actions=loop["actions"], kill_phases=loop["phases"])
+                       states_lost=loop["states_lost"], kill_actions=loop["actions"], kill_phases=loop["phases"],
+                       kill_points=loop["kill_points"], kill_points_missed=loop["missed"],
+                       corrupt_after_kill=loop["corrupt_after_kill"])
             setup = fresh_setup(root, sensors, base["v1"], "serve", flood=True)
             agent = Agent(setup, tag="serve-agent")
             agent.wait_ready(90)
@@ -437,8 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                        predictions_per_s_flood=round(len(flooded) / max(2.0, args.flood_seconds - 4.0), 1))
             print("unauthenticated control flood...", file=sys.stderr)
             v0 = agent.status()["model_version"]
+            before = agent.status()["control"]["requests"]
             ua = unauth_flood(setup, root, requests=20_000)
-            res.update(unauth_requests_tried=ua["tried"], unauth_requests_accepted=ua["accepted"])
+            reached = agent.status()["control"]["requests"] - before - 1  # less this status request itself
+            res.update(unauth_requests_tried=ua["tried"], unauth_requests_sent=ua["sent"],
+                       unauth_requests_not_sent=ua["not_sent"], unauth_requests_reached_server=reached,
+                       unauth_requests_accepted=ua["replies"])
             res["crashes"] += int(not agent.proc.alive() or agent.status()["model_version"] != v0)
             print(f"soak {args.minutes} min...", file=sys.stderr)
             t0 = time.monotonic()

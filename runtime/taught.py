@@ -90,12 +90,15 @@ class TaughtStore:
             self._load()
 
     # ---- queries
+    def _counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self._segments:
+            out[s.label] = out.get(s.label, 0) + len(s)
+        return out
+
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            out: dict[str, int] = {}
-            for s in self._segments:
-                out[s.label] = out.get(s.label, 0) + len(s)
-            return out
+        with self._lock:  # ``teach`` adds from the control thread while ``status`` reads
+            return self._counts()
 
     @property
     def nbytes(self) -> int:
@@ -103,9 +106,11 @@ class TaughtStore:
             return sum(s.nbytes for s in self._segments)
 
     def stats(self) -> dict[str, Any]:
-        return {"bytes": self.nbytes, "max_bytes": self.max_bytes, "samples": self.counts(),
-                "dropped_samples": self.dropped_samples, "persist_errors": self.persist_errors,
-                "load_skipped": [list(x) for x in self.load_skipped]}
+        """One snapshot, taken under the lock: bytes, samples and drops always describe the same store."""
+        with self._lock:
+            return {"bytes": sum(s.nbytes for s in self._segments), "max_bytes": self.max_bytes,
+                    "samples": self._counts(), "dropped_samples": self.dropped_samples,
+                    "persist_errors": self.persist_errors, "load_skipped": [list(x) for x in self.load_skipped]}
 
     def get(self, labels: list[str]) -> TaughtSamples:
         """Every stored sample of ``labels`` (float32), in capture order; KeyError names missing labels."""

@@ -63,7 +63,7 @@ def missing_library(
     why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
     more = f"; {hint}" if hint else ""
     return DeviceNotAvailableError(
-        f"{library} is not available{why}: install it with pip install 'continua[{extra}]'{more}"
+        f"{library} is not available{why}: install it with pip install 'continua-robot[{extra}]'{more}"
     )
 
 

@@ -78,7 +78,7 @@ def test_absent_modalities_are_masked(model: ServingModel, n: int, seed: int, bi
 def test_missing_modality_is_zeros_when_marked_absent(model: ServingModel) -> None:
     taps, present = _taps(4, 3), np.array([[1, 0, 1]] * 4, bool)
     no_audio = {m: v for m, v in taps.items() if m != "audio"}
-    np.testing.assert_array_equal(model.predict(no_audio, present), model.predict(taps, present))
+    np.testing.assert_allclose(model.predict(no_audio, present), model.predict(taps, present), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"'audio' but present marks it present in 4 of 4"):
         model.predict(no_audio, np.ones((4, 3), bool))
     assert model.predict({**taps, "lidar": [np.zeros((4, 2))]}, present).shape == (4, 3)  # unknown: ignored
@@ -112,7 +112,7 @@ def test_entry_round_trip_is_identical_and_plain(model: ServingModel) -> None:
     back = ServingModel.from_entry(stored)
     assert back.class_names == model.class_names and back.tap_dims == model.tap_dims
     taps, present = _taps(6, 9), np.ones((6, 3), bool)
-    np.testing.assert_array_equal(back.predict(taps, present), model.predict(taps, present))
+    np.testing.assert_allclose(back.predict(taps, present), model.predict(taps, present), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="format"):
         ServingModel.from_entry({**entry, "format": 99})
     with pytest.raises(ValueError, match=r"lacks \['tap_dims'\]"):

@@ -351,3 +351,36 @@ def test_a_read_only_directory_keeps_captures_in_memory(tmp_path: Path) -> None:
     # after a restart only what reached the disk is there
     again = TaughtStore(root)
     assert again.counts() == {"a": 4} and again.load_skipped == []
+
+
+def test_status_reads_while_teaching_adds_see_one_consistent_store() -> None:
+    """``status`` (control thread) reads the store while ``teach`` adds and drops: every snapshot's
+    bytes match its sample counts, and nothing raises mid-iteration."""
+    import threading
+    import time
+
+    store = TaughtStore(None, max_bytes=PER_SAMPLE * 50, modalities=MODALITIES)
+    stop, errors = threading.Event(), []
+
+    def teach() -> None:
+        i = 0
+        while not stop.is_set():
+            store.add(f"label{i % 7}", *capture(1 + i % 9, seed=i))
+            i += 1
+
+    t = threading.Thread(target=teach)
+    t.start()
+    try:
+        end, n = time.monotonic() + 10.0, 0
+        while (n < 2000 or store.dropped_samples < 200) and time.monotonic() < end:
+            n += 1
+            st_ = store.stats()
+            try:
+                assert st_["bytes"] == PER_SAMPLE * sum(st_["samples"].values()) <= store.max_bytes
+            except AssertionError as exc:
+                errors.append((st_, exc))
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors[:3]
+    assert store.dropped_samples > 0  # the adds really did drop while status read

@@ -228,7 +228,7 @@ def test_microphone_if_present() -> None:
     try:
         mic.connect()
     except DeviceNotAvailableError as exc:
-        assert "pip install 'continua[audio]'" in str(exc) or "could not be opened" in str(exc)
+        assert "pip install 'continua-robot[audio]'" in str(exc) or "could not be opened" in str(exc)
         pytest.skip(f"no usable microphone here: {exc}")
     try:
         chunk = mic.read(timeout_s=2.0)
