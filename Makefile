@@ -9,10 +9,11 @@ PYVER := $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.ve
 VENV ?= $(if $(filter 3.11,$(PYVER)),.venv,.venv-$(PYVER))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PKGS := dataset-fashion-mnist espeak-ng flite sox
+# Debian packages: the offline demo data, and the browser of the web console's tests (chromium, chromium-driver)
+APT_PKGS := dataset-fashion-mnist espeak-ng flite sox chromium chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv sysdeps data lint models bench clean robot-check
+.PHONY: test demo web-demo venv sysdeps data lint models bench clean robot-check
 
 venv: $(STAMP)
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
 	@touch $(STAMP)
 
-# Debian packages for the offline demo data (DESIGN.md section 9). Installed only when missing.
+# Debian packages (APT_PKGS; the demo data: DESIGN.md section 9). Installed only when missing.
 sysdeps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -48,7 +49,14 @@ demo: venv sysdeps data
 	rm -rf state/demo/checkpoints
 	@test -f state/demo/keys/server.key_secret || $(BIN)/python -m runtime.keys create server --dir state/demo/keys
 	@test -f state/demo/keys/clients/demo.key_secret || $(BIN)/python -m runtime.keys create demo --dir state/demo/keys
+	@test -f state/demo/keys/clients/web.key_secret || $(BIN)/python -m runtime.keys create web --dir state/demo/keys
 	$(BIN)/python -m runtime.launch launch/demo.toml
+
+# The demo publishers, the agent and the web console (+ Foxglove), until Ctrl-C: teach it from the page.
+web-demo: venv sysdeps data
+	@test -f state/demo/keys/server.key_secret || $(BIN)/python -m runtime.keys create server --dir state/demo/keys
+	@test -f state/demo/keys/clients/web.key_secret || $(BIN)/python -m runtime.keys create web --dir state/demo/keys
+	$(BIN)/python -m runtime.launch launch/web-demo.toml
 
 # A robot's install, checked here (needs PyPI; two torch installs, several GB of downloads): a venv of ROBOT_PY that
 # already holds ROBOT_TORCH, `pip install .` keeps it, the lower bounds of constraints-lowest.txt
@@ -63,7 +71,7 @@ robot-check: venv data
 # Every figure the README quotes, regenerated on purpose (about an hour on 2 cores; results in
 # the ignored benchmarks/results/). Each line is the command named in the README's heading.
 BENCHMARKS := backbones transport "continual --scenario class --seeds 3" method live "pipeline --seconds 15" \
-	"reliability --minutes 10 --restarts 6" serving_memory
+	"reliability --minutes 10 --restarts 6" serving_memory web
 bench: venv sysdeps data
 	@for b in $(BENCHMARKS); do echo "python -m benchmarks.$$b"; $(BIN)/python -m benchmarks.$$b || exit $$?; done
 

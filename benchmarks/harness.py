@@ -330,6 +330,15 @@ def subscribe_predictions(endpoint: str) -> zmq.Socket:
     return sub
 
 
+def drain(sub: zmq.Socket) -> int:
+    """Drop what the socket queued so far (a window must not count messages from before it)."""
+    n = 0
+    while sub.poll(0):
+        sub.recv_multipart()
+        n += 1
+    return n
+
+
 def collect_predictions(sub: zmq.Socket, seconds: float, max_n: int = 100_000) -> list[dict]:
     out: list[dict] = []
     end = time.monotonic() + seconds

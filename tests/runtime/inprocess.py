@@ -22,7 +22,8 @@ from training.config import LearnerConfig
 def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner: LearnerConfig
                  ) -> Iterator[dict[str, Any]]:
     """Publishers of ``classes`` (1 s dwell, a new image per frame) and a started agent with a
-    CurveZMQ operator "op"; yields agent, client, ports, root, cfgs, kdir."""
+    CurveZMQ operator "op"; yields agent, client, ports, root, cfgs, kdir and the streamer (its
+    ``show(class, seconds)`` holds a class in front of the robot)."""
     kdir = root / "keys"
     keys.create("server", kdir)
     keys.create("op", kdir)
@@ -40,7 +41,7 @@ def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner:
     client = ControlClient(ccfg.endpoint, keys_dir=kdir, key_name="op", timeout_s=10.0)
     try:
         yield {"agent": agent, "client": client, "ports": ports, "root": root, "cfgs": (cfg, ccfg, serve, learner),
-               "kdir": kdir}
+               "kdir": kdir, "streamer": streamer}
     finally:
         client.close()
         agent.stop()

@@ -234,11 +234,21 @@ def test_launch_configs_still_load() -> None:
     """The shipped launch files load through the same checked loader (none sets insecure)."""
     from runtime.config import AgentConfig, ConsoleConfig, ControlConfig, load_section
     from runtime.demo import DemoConfig
+    from runtime.web.config import WebConfig
 
-    for toml in ("demo.toml", "robot.toml"):
+    for toml in ("demo.toml", "robot.toml", "web-demo.toml"):
         path = REPO / "launch" / toml
         assert load_section(AgentConfig, path, "agent").recordings_dir == Path("recordings")
         assert load_section(ControlConfig, path, "control").insecure is False
+    for toml in ("demo.toml", "web-demo.toml"):  # the web console watches the agent the launch file starts
+        web = load_section(WebConfig, REPO / "launch" / toml, "web")
+        agent = load_section(AgentConfig, REPO / "launch" / toml, "agent")
+        control = load_section(ControlConfig, REPO / "launch" / toml, "control")
+        assert (web.control, web.predictions, web.sensors) == (control.endpoint, agent.predictions, agent.sensors)
+        assert web.keys_dir == control.keys_dir and web.key_name == "web" and web.loopback
+    robot_web = load_section(WebConfig, REPO / "launch" / "robot.toml", "web")
+    assert robot_web.loopback and robot_web.sensors[0] == load_section(AgentConfig, REPO / "launch" / "robot.toml",
+                                                                       "agent").sensors[0]
     demo = load_section(DemoConfig, REPO / "launch" / "demo.toml", "demo", insecure=True)  # `runtime.demo --insecure`
     assert demo.insecure and demo.keys_dir == Path("state/demo/keys")
     assert load_section(ConsoleConfig, None, "console").insecure is False
