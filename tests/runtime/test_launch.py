@@ -18,7 +18,7 @@ from training.learner import LearnerConfig
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "robot.toml"])
+@pytest.mark.parametrize("name", ["demo.toml", "robot.toml", "web-demo.toml"])
 def test_launch_files_load_every_section(name: str) -> None:
     path = LAUNCH / name
     agent = load_config(AgentConfig, path, "agent")
@@ -27,10 +27,17 @@ def test_launch_files_load_every_section(name: str) -> None:
     load_config(ControlConfig, path, "control")
     load_config(ServeConfig, path, "serve")
     load_config(LearnerConfig, path, "learner")
+    if name == "web-demo.toml":  # runs until Ctrl-C: nothing is required
+        cfg, procs = load_launch(path)
+        assert [(p.name, p.module, p.required) for p in procs] == [
+            ("publishers", "sensors.datasets.publish", False), ("agent", "runtime.agent", False),
+            ("web", "runtime.web", False)]
+        assert "--foxglove" in procs[2].args and cfg.timeout_s == 0
+        assert load_config(StreamerConfig, path, "publishers").endpoint == agent.sensors[0]
     if name == "demo.toml":
         cfg, procs = load_launch(path)
-        assert [p.name for p in procs] == ["publishers", "agent", "console"]
-        assert [p.required for p in procs] == [False, False, True]
+        assert [p.name for p in procs] == ["publishers", "agent", "web", "console"]
+        assert [p.required for p in procs] == [False, False, False, True]
         demo = load_config(DemoConfig, path, "demo")
         assert len(demo.tasks) == 5 and all(len(t) == 2 for t in demo.tasks)
         pubs = load_config(StreamerConfig, path, "publishers")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import stat
 import subprocess
@@ -175,6 +176,27 @@ def test_startup_errors_are_one_line(tmp_path: Path):
     r = subprocess.run([sys.executable, "-m", "runtime.web", "--config", "w.toml"], capture_output=True, text=True, check=False,
                        timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "command-line flag" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "runtime.web", "--port", "0"], capture_output=True, text=True, check=False,
-                       timeout=60, cwd=tmp_path)  # no keys/ here
+    r = subprocess.run([sys.executable, "-m", "runtime.web", "--port", "0", "--host", "0.0.0.0"], capture_output=True,
+                       text=True, check=False, timeout=60, cwd=tmp_path)  # no keys/ here
     assert r.returncode == 2 and "cannot start" in r.stderr and "Traceback" not in r.stderr
+    assert "WARNING" in r.stderr and "reachable from other machines" in r.stderr  # another address: said
+
+
+def test_the_process_prints_its_urls_serves_them_and_stops_on_sigint(tmp_path: Path):
+    """``python -m runtime.web`` as an operator starts it: the console line, a working URL, exit 0 on Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.web", "--port", "0", "--insecure", "--foxglove", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        assert lines[0].startswith("console: http://127.0.0.1:") and lines[1].startswith("viewer: http://127.0.0.1:")
+        assert lines[2].startswith("foxglove: ws://127.0.0.1:")
+        url = lines[0].split(" ", 1)[1]
+        token = url.split("?token=")[1]
+        assert token == tok.read(tmp_path / "state" / "web")  # the default state_dir, relative to where it runs
+        r = http(url)
+        assert r.status == 303 and r.set_cookie
+        assert http(url.split("?")[0], headers={"Authorization": f"Bearer {token}"}).status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    assert rc == 0 and "Traceback" not in proc.stderr.read()
