@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     res = {"serving_p99_ms": {"off": _pct(off, 99), "on": _pct(on, 99)},
            "serving_p50_ms": {"off": _pct(off, 50), "on": _pct(on, 50)},
            "p99_ratio_on_off": round(_pct(on, 99) / _pct(off, 99), 3),
+           # each on phase against the off phase just before it: the spread is the machine's noise
+           "pair_p99_ratios": [round(_pct(b["latency_ms"], 99) / _pct(a["latency_ms"], 99), 3)
+                               for a, b in zip(phases[::2], phases[1::2], strict=True)],
            "predictions": {"off": len(off), "on": len(on)},
            "phase_p99_ms": [{"attached": p["attached"], "p99": _pct(p["latency_ms"], 99), "page_messages": p.get("page"),
                              "foxglove_messages": p.get("foxglove")} for p in phases],
