@@ -344,6 +344,10 @@ def test_a_hand_built_sessionless_publisher_is_received_and_its_restart_counted(
             assert all(g[1].session == 0 and g[1].frame_id == "imu_link" for g in got if g is not None)
             assert got[-1][1].values[0].tolist() == (np.arange(10) + 2.0).tolist()
             assert rx.wait_for("imu", TIMEOUT_S, newer_than_seq=4) is not None  # seq 2 after a restart is newer
+            # that returns at the new session's seq 0: its thread may not have taken seq 1 and 2 yet
+            end = time.monotonic() + TIMEOUT_S
+            while rx.stats().received != {"imu": 8} and time.monotonic() < end:
+                time.sleep(0.01)
             for stats in (reader.stats(), rx.stats()):
                 assert stats.received == {"imu": 8} and stats.restarts == {"imu": 1}
                 assert stats.drops == {} and stats.invalid == {}
