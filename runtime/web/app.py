@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -51,7 +52,7 @@ def _same_origin(conn: HTTPConnection) -> bool:
 class TokenGate:
     """ASGI middleware: find the caller's role from its token, or refuse before any route runs."""
 
-    def __init__(self, app: ASGIApp, tokens: tok.Tokens, counts: dict[str, int]) -> None:
+    def __init__(self, app: ASGIApp, tokens: tok.Tokens, counts: Counter[str]) -> None:
         self.app, self.tokens, self.counts = app, tokens, counts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,7 +64,7 @@ class TokenGate:
                                                     dict(conn.query_params)))
         if role is None or not _same_origin(conn):
             why = "unauthorized" if role is None else "cross_origin"
-            self.counts[why] = self.counts.get(why, 0) + 1
+            self.counts[why] += 1
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
                 return
@@ -95,7 +96,7 @@ def _with_headers(send: Send) -> Send:
 
 def create_app(feed: Feed, hub: Hub, tokens: tok.Tokens, *, agent: str = "") -> Starlette:
     """The Starlette app around a running ``Feed``; the caller owns the feed's lifetime."""
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()  # refused requests by reason (GET /api/state shows them)
 
     async def index(request: Request) -> Response:
         if "token" in request.query_params:  # first visit: the token moves into the cookie
@@ -105,17 +106,17 @@ def create_app(feed: Feed, hub: Hub, tokens: tok.Tokens, *, agent: str = "") -> 
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def state(request: Request) -> Response:
-        merged = {k: json.loads(v) for v in hub.snapshot() for k in [json.loads(v)["type"]]}
-        return JSONResponse({"role": request.state.role, "messages": merged, "feed": feed.stats(),
+        messages = [json.loads(text) for text in hub.snapshot()]
+        return JSONResponse({"role": request.state.role, "messages": {m["type"]: m for m in messages}, "feed": feed.stats(),
                              "http": dict(counts)})
 
     async def command(request: Request) -> Response:
         if request.state.role != "operator":
-            counts["forbidden"] = counts.get("forbidden", 0) + 1
+            counts["forbidden"] += 1
             return _error(403, "forbidden", "the viewer token may watch but not command")
         body = await _read_capped(request)
         if body is None:
-            counts["too_large"] = counts.get("too_large", 0) + 1
+            counts["too_large"] += 1
             return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
         try:
             req = json.loads(body)
@@ -125,10 +126,10 @@ def create_app(feed: Feed, hub: Hub, tokens: tok.Tokens, *, agent: str = "") -> 
             if not isinstance(args, dict):
                 raise ValueError("args must be a JSON object")
         except ValueError as exc:
-            counts["bad_request"] = counts.get("bad_request", 0) + 1
+            counts["bad_request"] += 1
             return _error(400, "bad_request", str(exc))
         if req["cmd"] not in COMMANDS:
-            counts["unknown_command"] = counts.get("unknown_command", 0) + 1
+            counts["unknown_command"] += 1
             return _error(400, "unknown_command", f"{req['cmd']!r} is not one of {sorted(COMMANDS)}")
         reply = await run_in_threadpool(feed.command, req["cmd"], args)
         status = 504 if (reply.get("error") or {}).get("code") == "timeout" else 200

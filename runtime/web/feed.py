@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ import zmq
 from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError
 from runtime.web.config import WebConfig
+from runtime.web.plain import dumps
 from sensors.curve import client_from
 from sensors.errors import WireError
 from sensors.jpeg import JpegDecoder
@@ -36,15 +36,6 @@ from sensors.receivers import LatestReceiver
 log = logging.getLogger(__name__)
 SNAPSHOT_ORDER = ("agent", "status", "tasks", "camera", "prediction")  # what a new page gets first
 STATUS_KEYS = ("model_version", "classes", "tasks", "sensors", "latency_ms", "predictions", "job", "notices", "stale")
-
-
-def _plain(value: Any) -> Any:
-    """JSON for what msgpack gives (bytes become text)."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 class Subscriber:
@@ -73,7 +64,7 @@ class Hub:
         self.published: Counter[str] = Counter()
 
     def publish(self, kind: str, payload: dict[str, Any]) -> None:
-        text = json.dumps({"type": kind, **payload}, default=_plain)
+        text = dumps({"type": kind, **payload})
         with self._lock:
             self._latest[kind] = text
             subs = list(self._subs)
@@ -97,11 +88,6 @@ class Hub:
     def snapshot(self) -> list[str]:
         with self._lock:
             return [self._latest[k] for k in SNAPSHOT_ORDER if k in self._latest]
-
-    def latest(self, kind: str) -> dict[str, Any] | None:
-        with self._lock:
-            text = self._latest.get(kind)
-        return None if text is None else json.loads(text)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -11,14 +11,14 @@ a prediction.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import math
 from typing import Any
 
 import foxglove
 from foxglove.channels import CompressedImageChannel
 from foxglove.messages import CompressedImage, Timestamp
+
+from runtime.web.plain import dumps, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +71,10 @@ _LATENCY_SCHEMA: dict[str, Any] = {
     "properties": {"timestamp": _TIME, "latency_ms": {"type": "number"}, "p99_ms": _NUM_OR_NULL},
 }
 
-_DROP = object()  # marker: a value that has no JSON form
-
-
 def _stamp(stamp_ns: int) -> dict[str, int]:
     """Foxglove's ``{"sec", "nsec"}`` time, which its plots and message paths understand."""
     sec, nsec = divmod(int(stamp_ns), 1_000_000_000)
     return {"sec": sec, "nsec": nsec}
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` as plain JSON, or ``_DROP``: numpy scalars become numbers, NaN/inf become null
-    (``json.dumps`` would write ``NaN``, which the app cannot parse), and what has no JSON form goes."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        out = {str(k): _json_safe(v) for k, v in value.items()}
-        return {k: v for k, v in out.items() if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        items = [_json_safe(v) for v in value]
-        return [v for v in items if v is not _DROP]
-    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
-    if callable(item):
-        try:
-            plain = item()
-        except (TypeError, ValueError):
-            return _DROP
-        return _DROP if plain is value else _json_safe(plain)
-    return _DROP
 
 
 class FoxgloveLive:
@@ -158,7 +130,7 @@ class FoxgloveLive:
         unknown keys that have one pass through (the agent may add fields before this schema does)."""
         if self._closed or not self._prediction.has_sinks():
             return
-        body = _json_safe(msg)
+        body = json_safe(msg)
         if not isinstance(body, dict):
             log.debug("Foxglove: prediction is not a map, dropped: %r", type(msg))
             return
@@ -172,7 +144,7 @@ class FoxgloveLive:
         """Publish the per-modality health on ``/health``, plus ``healthy``: some modality reports and all are."""
         if self._closed or not self._health.has_sinks():
             return
-        clean = _json_safe(sensors)
+        clean = json_safe(sensors)
         clean = clean if isinstance(clean, dict) else {}
         healthy = bool(clean) and all(isinstance(s, dict) and s.get("healthy") is True for s in clean.values())
         body = {"timestamp": _stamp(stamp_ns), "healthy": healthy, "sensors": clean}
@@ -184,14 +156,13 @@ class FoxgloveLive:
             return
         body = {
             "timestamp": _stamp(stamp_ns),
-            "latency_ms": _json_safe(float(latency_ms)),
-            "p99_ms": None if p99_ms is None else _json_safe(float(p99_ms)),
+            "latency_ms": json_safe(float(latency_ms)),
+            "p99_ms": None if p99_ms is None else json_safe(float(p99_ms)),
         }
         self._log_json(self._latency, body, int(stamp_ns))
 
     def _log_json(self, channel: foxglove.Channel, body: dict, stamp_ns: int | None) -> None:
-        # allow_nan=False: _json_safe already turned non-finite floats into null; fail loudly otherwise.
-        channel.log(json.dumps(body, allow_nan=False).encode(), log_time=stamp_ns)
+        channel.log(dumps(body).encode(), log_time=stamp_ns)
 
     def close(self) -> None:
         """Stop the server and unadvertise the channels; idempotent."""

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"viewer: {console.url('viewer')}", flush=True)
     if console.foxglove is not None:
         print(f"foxglove: ws://{url_host(cfg.foxglove_host)}:{console.foxglove.port}", flush=True)
+    # uvicorn handles SIGTERM while it runs, then raises it again: this handler makes that a clean exit 0
     signal.signal(signal.SIGTERM, lambda *_: setattr(console._server, "should_exit", True))
     try:
         console.run()

@@ -20,7 +20,7 @@ from benchmarks.harness import free_ports
 from runtime import keys
 from runtime.web import tokens as tok
 from runtime.web.config import WebConfig
-from runtime.web.feed import Thumbnailer
+from runtime.web.feed import Hub, Thumbnailer
 from runtime.web.server import WebConsole
 from sensors.wire import Image
 from tests.runtime.webclient import events, http
@@ -135,6 +135,19 @@ def test_an_unreachable_agent_is_said_and_commands_time_out(console):
     r = http(base + "/api/command", method="POST", body={"cmd": "save"},
              headers={"Cookie": f"continua_token={web.tokens.operator}", "Origin": base})
     assert r.status == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_page_messages_are_strict_json_whatever_the_agent_sends():
+    """NaN or inf (a browser's JSON.parse refuses them) become null, numpy numbers plain ones, bytes
+    text; a value with no JSON form is left out, never the whole message."""
+    hub = Hub()
+    hub.publish("prediction", {"label": b"mug", "novelty": float("nan"), "confidence": np.float32(0.5),
+                               "topk": [["mug", np.float64(0.5)], ["cup", float("inf")]], "handle": object(),
+                               "seq": np.int64(7)})
+    (text,) = hub.snapshot()
+    msg = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert msg == {"type": "prediction", "label": "mug", "novelty": None, "confidence": 0.5,
+                   "topk": [["mug", 0.5], ["cup", None]], "seq": 7}
 
 
 @pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8", "jpeg"])
