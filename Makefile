@@ -36,7 +36,7 @@ sysdeps:
 	fi
 
 data: venv sysdeps
-	$(BIN)/python -m sensors.datasets.prepare
+	$(BIN)/python -m demodata.prepare
 
 lint: venv
 	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""Benchmarks and reliability checks of continua, each run as ``python -m benchmarks.<name>``."""

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from common.config import require_positive
+
 log = logging.getLogger("benchmarks.continual")
 BASELINES = ["naive", "ewc", "replay", "lwf", "ncm", "joint"]
 
@@ -60,9 +62,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.scenario not in ("class", "domain", "both"):
             raise ValueError(f"scenario must be class, domain or both, got {self.scenario!r}")
-        for name in ("seeds", "n_tasks", "epochs", "batch_size", "buffer_size", "threads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        require_positive(self, "seeds", "n_tasks", "epochs", "batch_size", "buffer_size", "threads")
         if not 0.0 <= self.val < 1.0:
             raise ValueError(f"val must be in [0, 1), got {self.val}")
         if self.quick:
@@ -72,11 +72,11 @@ class Config:
 
 def load_scenarios(cfg: Config, seed: int) -> list[Any]:
     if cfg.features:
-        from training.feature_datasets import load_feature_dataset
+        from training.feature_files import load_feature_dataset
 
         return [load_feature_dataset(cfg.features, n_tasks=cfg.n_tasks, seed=seed)]
-    from training.features import FeatureConfig
-    from training.scenarios import trimodal
+    from benchmarks.feature_cache import FeatureConfig
+    from benchmarks.scenarios import trimodal
 
     kinds = ["class", "domain"] if cfg.scenario == "both" else [cfg.scenario]
     fc = FeatureConfig(backend=cfg.backend, threads=cfg.threads)
@@ -115,7 +115,7 @@ def random_init_accuracy(sc: Any, seed: int, threads: int) -> list[float]:
 
     torch.manual_seed(seed)
     model = SideNetwork(ModelConfig(tap_dims=sc.tap_dims, num_classes=sc.num_classes))
-    s = Strategy(model, StrategyConfig(threads=threads, seed=seed))
+    s = Strategy(model, StrategyConfig(threads=threads, seed=seed))  # evaluation only: threads and seed
     return [s.evaluate(t) for t in sc.test]
 
 
@@ -131,7 +131,7 @@ def run_one(name: str, sc: Any, train: list[Any], *, seed: int, cfg: Config, bar
     torch.manual_seed(seed)
     model = SideNetwork(ModelConfig(tap_dims=sc.tap_dims, **cls.model_overrides({})))
     scfg = StrategyConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, buffer_size=cfg.buffer_size,
-                          threads=cfg.threads, seed=seed)
+                          threads=cfg.threads, seed=seed, max_seconds=0.0)  # no deadline: every epoch runs
     strategy = cls(model, scfg)
     t = len(train)
     r = np.zeros((t, t))
@@ -206,7 +206,7 @@ def table(results: dict[str, Any], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sensors.config import format_config, load_config
+    from common.config import format_config, load_config
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="TOML file with Config keys")

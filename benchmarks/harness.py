@@ -1,7 +1,7 @@
 """Process harness shared by the benchmarks and the process-level tests.
 
 Everything runs as real processes on 127.0.0.1: dataset publishers
-(``python -m sensors.datasets.publish``) and the agent (``python -m runtime.agent --config
+(``python -m demodata.publish``) and the agent (``python -m runtime.agent --config
 <tmp toml>``), with free ports, CurveZMQ keys and a config TOML written per run. Every wait is
 bounded; a process's output goes to a log file beside its config.
 """
@@ -203,7 +203,7 @@ def start_publisher(root: Path, name: str, endpoint: str, *, topics: tuple[str, 
     for t, key in (("camera", "camera_topic"), ("mic", "mic_topic"), ("imu", "imu_topic")):
         cfg_table[key] = t if t in topics else f"off-{t}"
     cfg = write_toml(root / f"pub-{name}.toml", {"publishers": cfg_table})
-    return Proc(f"pub-{name}", ["-m", "sensors.datasets.publish", "--config", str(cfg)], root / f"pub-{name}.log")
+    return Proc(f"pub-{name}", ["-m", "demodata.publish", "--config", str(cfg)], root / f"pub-{name}.log")
 
 
 def maps_library(pid: int, needle: str) -> bool:
@@ -238,7 +238,7 @@ class AgentSetup:
     serve: dict[str, Any] = field(default_factory=dict)
     control: dict[str, Any] = field(default_factory=dict)
     agent: dict[str, Any] = field(default_factory=dict)  # more [agent] keys
-    learner: dict[str, Any] = field(default_factory=lambda: {"threads": 1})
+    learner: dict[str, Any] = field(default_factory=lambda: {"training": {"threads": 1}})  # [learner] tree
 
     @property
     def control_ep(self) -> str:

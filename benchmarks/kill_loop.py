@@ -1,4 +1,6 @@
-"""The kill loop of the reliability report: SIGKILL the agent inside each checkpoint fault point
+"""Reliability kill loop: SIGKILL the agent at checkpoint fault points and check it resumes intact.
+
+The kill loop of the reliability report: SIGKILL the agent inside each checkpoint fault point
 and at random moments, restart it, and check it resumed the last committed state bit for bit.
 
 Used by ``python -m benchmarks.reliability`` and ``tests/runtime/test_reliability.py`` (which

@@ -50,8 +50,8 @@ from benchmarks.harness import (
     start_publisher,
 )
 from benchmarks.pipeline import pct
+from demodata.scene_control import SceneClient
 from runtime.scripted import LiveMonitor, class_ids, learn_live, show_sequence, wait_job
-from sensors.datasets.scene_control import SceneClient
 
 PAIRS = [["t-shirt", "trouser"], ["pullover", "dress"], ["coat", "sandal"], ["shirt", "sneaker"], ["bag", "ankle boot"]]
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dwell-s", type=float, default=3.0, help="seconds each class stays in view while scoring")
     ap.add_argument("--settle-s", type=float, default=1.0, help="left out of scoring after each class change")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--learner", default="{}", help='JSON of [learner] settings, e.g. \'{"epochs": 4}\'')
+    ap.add_argument("--learner", default="{}", help='JSON of the [learner] tree, e.g. \'{"training": {"epochs": 4}}\'')
     ap.add_argument("--serve", default="{}", help='JSON of [serve] settings, e.g. \'{"image_threads": 1}\'')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

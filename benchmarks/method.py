@@ -14,7 +14,7 @@ In one run, with the learner's default config (strategy "ours", MoE adapters at 
    after every task (PNG), to see whether the experts saturate.
 
 Features: the cached REAL tri-modal backbone features (Fashion-MNIST image + spoken class name +
-BasicMotions IMU, ``training.scenarios.trimodal``, as ``benchmarks.continual`` uses them): the
+BasicMotions IMU, ``benchmarks.scenarios.trimodal``, as ``benchmarks.continual`` uses them): the
 timing and storage parts use the 5-task class-incremental split (seed ``--seed``); the saturation
 run needs more tasks than 10 classes give, so its ``--tasks`` tasks are class pairs (in the class
 scenario's order) under the domain scenario's shifts: tasks 0-4 domain 0 (clean), 5-9 domain 1
@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import require_positive
+
 log = logging.getLogger("benchmarks.method")
 GOAL_LEARN_S = 10.0
 GOAL_BYTES = 2048
@@ -56,15 +58,13 @@ class Config:
     out: Path = Path("benchmarks/results")
 
     def __post_init__(self) -> None:
-        for name in ("threads", "tasks", "new_samples", "buffer_samples", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Config.{name} must be > 0, got {getattr(self, name)}")
+        require_positive(self, "threads", "tasks", "new_samples", "buffer_samples", "epochs")
 
 
 def load(kind: str, cfg: Config):
     """The cached real tri-modal scenario (5 tasks), as benchmarks.continual loads it."""
-    from training.features import FeatureConfig
-    from training.scenarios import trimodal
+    from benchmarks.feature_cache import FeatureConfig
+    from benchmarks.scenarios import trimodal
 
     return trimodal(kind, seed=cfg.seed, n_tasks=5, feature_config=FeatureConfig(threads=cfg.threads), progress=False)
 
@@ -72,10 +72,11 @@ def load(kind: str, cfg: Config):
 def _learner(dims, cfg: Config, strategy: str, threads: int = 1, **over):
     """Untimed work runs on 1 thread: on shared, busy cores 2 OpenMP threads wait for each other
     (a task took 211 s instead of ~6 s); only the timed step uses ``cfg.threads``."""
+    from training.config import StrategyConfig
     from training.learner import Learner, LearnerConfig
 
-    return Learner(dims, LearnerConfig(strategy=strategy, epochs=cfg.epochs, threads=threads,
-                                       max_seconds=0.0, buffer_size=cfg.buffer_samples, seed=cfg.seed, **over))
+    return Learner(dims, LearnerConfig(strategy=strategy, training=StrategyConfig(
+        epochs=cfg.epochs, threads=threads, max_seconds=0.0, buffer_size=cfg.buffer_samples, seed=cfg.seed, **over)))
 
 
 def _subset(data, n: int, seed: int):
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(quick=a.quick, threads=a.threads, tasks=10 if a.quick else a.tasks,
                  out=a.out)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from sensors.config import format_config
+    from common.config import format_config
 
     print(format_config(cfg), file=sys.stderr)
     result = run(cfg)

@@ -66,7 +66,7 @@ def bare_backbones(n: int = 200, *, image_threads: int = 2, threads: int = 1) ->
     """Per-sample backbone times (ms), this process alone, with the agent's thread settings
     (``[serve] image_threads`` / ``backend_threads``): the full sample, and the frame path."""
     from export.backends import load_backend
-    from runtime.features import FeatureExtractor
+    from runtime.backbone_stage import FeatureExtractor
     from runtime.sources import dataset_samples
 
     samples, _ = dataset_samples(["coat", "bag"], "test", per_class=max(1, n // 2))

@@ -6,7 +6,7 @@ Usage::
     python -m benchmarks.reliability --minutes 3     # shorter soak
 
 Everything runs as real processes on 127.0.0.1: dataset publishers
-(``python -m sensors.datasets.publish``) and the agent (``python -m runtime.agent --config
+(``python -m demodata.publish``) and the agent (``python -m runtime.agent --config
 <tmp toml>``). The first part of this module is the process harness shared with
 ``tests/runtime/test_reliability.py`` (via ``tests/runtime/conftest.py``): free ports, keys,
 config TOML, bounded start/stop. The report then runs

@@ -1,4 +1,6 @@
-"""What torch would cost the serving process: the agent's resident memory as shipped (ONNX Runtime
+"""Measures what torch would cost the serving process in resident memory.
+
+What torch would cost the serving process: the agent's resident memory as shipped (ONNX Runtime
 only; torch lives in the learning worker) and with torch imported into it, in one run.
 
 Usage::

@@ -1,4 +1,6 @@
-"""Framing of the speech backbone's input (numbers only, no torch): the incremental extractor,
+"""Framing constants of the speech backbone's input, shared by its torch and torch-free users.
+
+Framing of the speech backbone's input (numbers only, no torch): the incremental extractor,
 which runs in the torch-free serving process, and the torch backbone share them."""
 
 from __future__ import annotations

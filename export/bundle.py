@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write, fsync_dir
 from export.errors import ModelFileError
 from export.manifest import load_verified, manifest_path, sha256_file
-from sensors.atomic import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sensors.atomic import atomic_write
+from common.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

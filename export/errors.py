@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import ContinuaError
 
-class ExportError(Exception):
+
+class ExportError(ContinuaError):
     """Base class of every error raised by continua.export."""
 
 
@@ -11,7 +13,7 @@ class InputSpecError(ExportError, ValueError):
     """A batch does not match a backbone's input spec (shape, dtype, channels, rate, empty)."""
 
     def __init__(self, modality: str, problem: str, expected: str) -> None:
-        super().__init__(f"{modality} input: {problem}; expected {expected}")
+        super().__init__(f"{modality} input: {problem}", fix=f"expected {expected}")
         self.modality = modality
         self.problem = problem
         self.expected = expected
@@ -30,8 +32,7 @@ class ModelFileError(ExportError):
 
     def __init__(self, path: object, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+        self.path, self.reason = path, reason
 
 
 class BackendUnavailableError(ExportError):

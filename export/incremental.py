@@ -1,4 +1,6 @@
-"""Incremental audio taps for a stream: each 80 ms block of audio is turned into mel frames and
+"""Incremental audio taps for a live stream, so that each block of audio is computed only once.
+
+Each 80 ms block of audio is turned into mel frames and
 one new embedding window exactly once; the taps of "the latest 1 s" average the last 3 windows.
 
 Equal (to float rounding) to ``extract`` on the 16000 samples ending at the latest block

@@ -1,0 +1,1 @@
+"""The agent on the robot: sensor intake, serving, learning jobs, checkpoints, control and consoles."""

@@ -1,4 +1,6 @@
-"""Who may command the agent, and what a command may reach: allow-list with roles, loopback
+"""Access control of the agent: who may command it, and what a command may reach.
+
+Allow-list with roles, loopback
 endpoints for ``--insecure``, recording paths inside ``recordings_dir``.
 
 Roles come from where a console's public key lies in the key directory (``runtime.keys``)::

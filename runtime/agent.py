@@ -29,6 +29,7 @@ import sys
 
 import zmq
 
+from common.config import ConfigError, format_config
 from export.errors import ExportError
 from runtime import access
 from runtime.config import AgentConfig, ControlConfig, ServeConfig, load_section
@@ -36,7 +37,6 @@ from runtime.errors import EndpointError, KeyFileError
 from runtime.intake import IntakeConfig
 from runtime.keys import server_keys
 from runtime.service import Agent, initial_task
-from sensors.config import ConfigError, format_config
 from sensors.errors import CurveKeyError
 from training.config import LearnerConfig
 

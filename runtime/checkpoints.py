@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.atomic import fsync_dir
 from runtime.errors import CheckpointWriteError, NoCheckpointError
 from runtime.statefiles import MANIFEST, StateFiles, manifest_bytes
-from sensors.atomic import fsync_dir
 from sensors.durable import fault_point
 
 log = logging.getLogger(__name__)

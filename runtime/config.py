@@ -2,7 +2,7 @@
 
 Why dataclasses with working defaults: ``python -m runtime.agent`` must run on a fresh
 checkout with no config file at all (everything on 127.0.0.1, CurveZMQ on), and a launch
-file only names what differs. Loaded with ``sensors.config.load_config`` from one TOML
+file only names what differs. Loaded with ``common.config.load_config`` from one TOML
 file with ``[agent]``, ``[control]`` and ``[console]`` tables::
 
     [agent]
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from common.config import ConfigError, load_config, read_toml
 from runtime.access import is_loopback
-from sensors.config import ConfigError, load_config, read_toml
 from training.openset import RULES as OPEN_SET_RULES
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -48,6 +48,14 @@ def _check_endpoint(name: str, value: str) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name}={value!r} must be > 0")
+
+
+def _check_range(obj: Any, lo: float, hi: float, *names: str) -> None:
+    """Each named field of ``obj`` is in [lo, hi] (closed), else "name=value must be in [lo, hi]"."""
+    for name in names:
+        value = getattr(obj, name)
+        if not lo <= value <= hi:
+            raise ValueError(f"{name}={value!r} must be in [{lo}, {hi}]")
 
 
 @dataclass(kw_only=True)
@@ -89,10 +97,7 @@ class AgentConfig:
         if self.keep_checkpoints < 2:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints!r} must be >= 2 (rollback needs one)")
         _check_positive("stale_s", self.stale_s)
-        if not 0.0 <= self.min_new_task_acc <= 1.0:
-            raise ValueError(f"min_new_task_acc={self.min_new_task_acc!r} must be in [0, 1]")
-        if not 0.0 <= self.max_old_task_drop <= 1.0:
-            raise ValueError(f"max_old_task_drop={self.max_old_task_drop!r} must be in [0, 1]")
+        _check_range(self, 0, 1, "min_new_task_acc", "max_old_task_drop")
 
 
 @dataclass(kw_only=True)
@@ -141,19 +146,15 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("idle_rate_hz", "smooth_s", "worker_timeout_s", "open_set_margin", "gil_switch_s"):
             _check_positive(name, getattr(self, name))
-        for name in ("abstain_below", "unknown_share", "open_set_quantile"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        _check_range(self, 0, 1, "abstain_below", "unknown_share", "open_set_quantile")
         if self.side_device not in ("cpu", "cuda"):
             raise ValueError(f"side_device={self.side_device!r} must be 'cpu' or 'cuda'")
         if self.open_set_rule not in OPEN_SET_RULES:
             raise ValueError(f"open_set_rule={self.open_set_rule!r} must be one of {OPEN_SET_RULES}")
-        if not 0 <= self.capture_lead_s <= 60:
-            raise ValueError(f"capture_lead_s={self.capture_lead_s!r} must be in [0, 60]")
+        _check_range(self, 0, 60, "capture_lead_s")
         if self.holdout_guard_s < 0:
             raise ValueError(f"holdout_guard_s={self.holdout_guard_s!r} must be >= 0")
-        if not 0 <= self.job_nice <= 19:
-            raise ValueError(f"job_nice={self.job_nice!r} must be in [0, 19]")
+        _check_range(self, 0, 19, "job_nice")
 
 
 @dataclass(kw_only=True)
@@ -180,10 +181,8 @@ class ControlConfig:
             raise ValueError(f"max_request_bytes={self.max_request_bytes!r} must be >= 64")
         if self.hard_max_bytes < self.max_request_bytes:
             raise ValueError(f"hard_max_bytes={self.hard_max_bytes!r} must be >= max_request_bytes")
-        if not 1 <= self.max_depth <= 512:
-            raise ValueError(f"max_depth={self.max_depth!r} must be in [1, 512]")
-        if not 1 <= self.poll_ms <= 1000:
-            raise ValueError(f"poll_ms={self.poll_ms!r} must be in [1, 1000]")
+        _check_range(self, 1, 512, "max_depth")
+        _check_range(self, 1, 1000, "poll_ms")
         if self.sndhwm < 1:
             raise ValueError(f"sndhwm={self.sndhwm!r} must be >= 1")
         _check_positive("slow_handler_s", self.slow_handler_s)
@@ -209,7 +208,7 @@ class ConsoleConfig:
 
 
 def load_section(cls: type[T], path: str | Path | None, section: str, **overrides: Any) -> T:
-    """``sensors.config.load_config`` that refuses the ``CLI_ONLY`` keys in the TOML file with a
+    """``common.config.load_config`` that refuses the ``CLI_ONLY`` keys in the TOML file with a
     message saying which flag replaced them (overrides, i.e. flags, may still set them)."""
     if path is not None:
         table = read_toml(path).get(section, {})

@@ -46,11 +46,11 @@ from typing import Any
 import msgpack
 import zmq
 
+from common.config import ConfigError, format_config
+from runtime.commands import parse_source
 from runtime.config import ConsoleConfig, load_section
-from runtime.control import parse_source
 from runtime.errors import ControlTimeoutError, KeyFileError, RemoteError
 from runtime.keys import client_keys, server_public_key
-from sensors.config import ConfigError, format_config
 
 log = logging.getLogger(__name__)
 

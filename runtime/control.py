@@ -16,11 +16,9 @@ the loop. Frames over ``hard_max_bytes`` never reach Python: libzmq drops the co
 (ZMQ_MAXMSGSIZE), so a hostile client cannot make the agent allocate a gigabyte.
 
 Why this shape:
-- Handlers run on the server thread and must be quick; long work (``learn-new-task``) is
-  started with ``JobTracker.start`` and returns a job id at once. Progress is *polled*:
-  the built-in ``job`` command returns ``JobTracker.snapshot`` (progress 0..1, phase,
-  state, result/error). Polling instead of a PUB event socket: one socket, one Curve
-  setup, no slow-joiner losses, and every poll doubles as the console's heartbeat.
+- Handlers run on the server thread and must be quick; long work is a background job
+  (``runtime.jobs.JobTracker``) whose progress the console polls with the built-in ``job``
+  command, each poll doubling as its heartbeat.
 - CurveZMQ with an allow-list with roles (``runtime.access``: ``keys/operators/`` and
   ``keys/viewers/``), asked at the handshake (ZAP) and again before *every* request, so a
   revoked console is refused from its next request on (``revoked``) and a viewer key gets
@@ -33,6 +31,9 @@ Why this shape:
 
 Usage (the agent)::
 
+    from runtime.commands import COMMANDS
+    from runtime.jobs import JobTracker
+
     server = ControlServer(ControlConfig(), jobs=JobTracker())
     server.register("status", lambda: {"tasks": 2}, COMMANDS["status"])
     server.start(); ...; server.stop()
@@ -41,14 +42,12 @@ Usage (the agent)::
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import traceback
-import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,270 +55,14 @@ import msgpack
 import zmq
 
 from runtime import access as acl
+from runtime.commands import QUIET_COMMANDS, Arg, validate_args
 from runtime.config import ControlConfig
-from runtime.errors import BusyError, CommandError, JobCancelledError
+from runtime.errors import CommandError
+from runtime.jobs import JobTracker
 
 log = logging.getLogger(__name__)
 
-QUIET_COMMANDS = frozenset({"ping", "job", "status"})  # polled: logged at DEBUG only
 
-
-# --------------------------------------------------------------------------- argument schemas
-@dataclass(frozen=True)
-class Arg:
-    """One argument of a command: type, required/default, ranges, choices, custom check.
-
-    ``min``/``max`` bound numbers by value and strings/lists by length. ``check`` raises
-    ``ValueError`` with a message for anything the other fields cannot say.
-    """
-
-    type: type
-    _: KW_ONLY
-    required: bool = False
-    default: Any = None
-    min: float | None = None
-    max: float | None = None
-    choices: tuple | None = None
-    items: type | None = None
-    check: Callable[[Any], Any] | None = None
-    help: str = ""
-
-
-def _type_ok(value: Any, typ: type) -> bool:
-    if typ is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if typ is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, typ)
-
-
-def validate_args(cmd: str, schema: dict[str, Arg], args: dict[str, Any]) -> dict[str, Any]:
-    """Checked keyword arguments for a handler; ``CommandError("bad_args")`` naming the problem."""
-
-    def bad(msg: str) -> CommandError:
-        return CommandError("bad_args", f"{cmd}: {msg}")
-
-    unknown = sorted(str(k) for k in args if k not in schema)
-    if unknown:
-        raise bad(f"unknown argument(s) {unknown}; expected {sorted(schema)}")
-    out: dict[str, Any] = {}
-    for name, spec in schema.items():
-        if name not in args:
-            if spec.required:
-                raise bad(f"missing required argument {name!r} ({spec.type.__name__})")
-            out[name] = spec.default
-            continue
-        value = args[name]
-        if not _type_ok(value, spec.type):
-            raise bad(f"{name}={value!r} must be {spec.type.__name__}")
-        if spec.type is float:
-            value = float(value)
-            if not math.isfinite(value):
-                raise bad(f"{name}={value!r} must be finite")
-        size = len(value) if isinstance(value, str | list | dict) else value
-        if spec.min is not None and size < spec.min:
-            raise bad(f"{name}={value!r} must be >= {spec.min}" + (" long" if size is not value else ""))
-        if spec.max is not None and size > spec.max:
-            raise bad(f"{name}={value!r} must be <= {spec.max}" + (" long" if size is not value else ""))
-        if spec.choices is not None and value not in spec.choices:
-            raise bad(f"{name}={value!r} must be one of {list(spec.choices)}")
-        if spec.items is not None and isinstance(value, list):
-            for i, item in enumerate(value):
-                if not _type_ok(item, spec.items):
-                    raise bad(f"{name}[{i}]={item!r} must be {spec.items.__name__}")
-        if spec.check is not None:
-            try:
-                spec.check(value)
-            except ValueError as exc:
-                raise bad(f"{name}={value!r}: {exc}") from None
-        out[name] = value
-    return out
-
-
-def parse_source(text: str, recordings_dir: str | Path | None = None) -> dict[str, Any]:
-    """``live:SECONDS`` | ``mcap:PATH[,PATH...]`` | ``dataset:SPLIT`` -> ``{"kind", "seconds"|"path"|"split"}``.
-    mcap paths must lie inside the agent's ``recordings_dir`` (``runtime.access.recording_path``): the agent
-    passes it and gets resolved absolute paths; a console passes None (form only)."""
-    kind, sep, rest = str(text).partition(":")
-    if not sep or not rest:
-        raise ValueError("source must be live:SECONDS, mcap:PATH or dataset:SPLIT")
-    if kind == "live":
-        try:
-            seconds = float(rest)
-        except ValueError:
-            raise ValueError(f"live:{rest} needs a number of seconds") from None
-        if not 0 < seconds <= 3600:
-            raise ValueError(f"live:{rest} seconds must be in (0, 3600]")
-        return {"kind": "live", "seconds": seconds}
-    if kind == "mcap":
-        return {"kind": "mcap", "path": ",".join(acl.recording_path(p, recordings_dir) for p in rest.split(","))}
-    if kind == "dataset":
-        return {"kind": "dataset", "split": rest}
-    raise ValueError(f"unknown source kind {kind!r}; expected live, mcap or dataset")
-
-
-def _labels_check(labels: list[str]) -> None:
-    if len(set(labels)) != len(labels):
-        raise ValueError("labels must be distinct")
-    if any(not s.strip() for s in labels):
-        raise ValueError("labels must be non-empty")
-
-
-# The agreed argument schemas of the standard commands: the agent registers its handlers
-# with these and the console sends exactly these, so the two cannot drift.
-COMMANDS: dict[str, dict[str, Arg]] = {
-    "status": {},
-    "tasks": {},
-    "learn-new-task": {
-        "name": Arg(str, required=True, min=1, max=64, help="task name"),
-        "labels": Arg(list, required=True, items=str, min=1, max=100, check=_labels_check),
-        "source": Arg(str, required=True, max=4096, check=parse_source,
-                      help="live:SECONDS | mcap:PATH | dataset:SPLIT"),
-    },
-    "teach": {
-        "label": Arg(str, required=True, min=1, max=64),
-        "seconds": Arg(float, default=5.0, min=0.1, max=600.0),
-    },
-    "cancel": {},
-    "rollback": {},
-    "save": {},
-    "shutdown": {},
-}
-
-
-# --------------------------------------------------------------------------- jobs
-class JobHandle:
-    """Given to a job's function: report progress, see cancellation."""
-
-    def __init__(self, tracker: JobTracker, job_id: str) -> None:
-        self._tracker = tracker
-        self.id = job_id
-        self.cancel_event = threading.Event()
-
-    def update(self, progress: float | None = None, phase: str | None = None) -> None:
-        self._tracker._update(self.id, progress, phase)
-
-    def set_meta(self, **meta: Any) -> None:
-        """Add facts to the job's ``meta`` (e.g. the worker's pid) while it runs."""
-        self._tracker._update(self.id, None, None, meta)
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel_event.is_set()
-
-    def check_cancelled(self) -> None:
-        """Raise ``JobCancelledError`` when a cancel was requested (call between steps)."""
-        if self.cancel_event.is_set():
-            raise JobCancelledError(f"job {self.id} cancelled")
-
-
-class JobTracker:
-    """At most one active background job; a bounded history of finished ones.
-
-    ``start`` raises ``BusyError`` (reply code ``busy``) while a job runs. The job function
-    returns its result (msgpack-able) or raises; ``JobCancelledError`` or returning after
-    ``cancel`` marks it ``cancelled``, any other exception ``failed`` with its message.
-    """
-
-    def __init__(self, *, history: int = 16) -> None:
-        self._lock = threading.Lock()
-        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._handles: dict[str, JobHandle] = {}
-        self._active: str | None = None
-        self._history = history
-        self._threads: dict[str, threading.Thread] = {}
-
-    def start(self, name: str, fn: Callable[[JobHandle], Any], *, meta: dict | None = None) -> str:
-        with self._lock:
-            if self._active is not None:
-                job = self._jobs[self._active]
-                raise BusyError(f"job {job['id']} ({job['name']}) is running: {job['phase']} "
-                                f"{job['progress']:.0%}; cancel it or wait")
-            job_id = uuid.uuid4().hex[:12]
-            self._jobs[job_id] = {"id": job_id, "name": name, "state": "running", "progress": 0.0,
-                                  "phase": "starting", "result": None, "error": None,
-                                  "started_ns": time.time_ns(), "ended_ns": None, "meta": dict(meta or {})}
-            while len(self._jobs) > self._history:
-                oldest = next(iter(self._jobs))
-                if oldest == job_id:
-                    break
-                self._jobs.pop(oldest)
-            handle = JobHandle(self, job_id)
-            self._handles[job_id] = handle
-            self._active = job_id
-            thread = threading.Thread(target=self._run, args=(handle, fn), name=f"job-{name}", daemon=True)
-            self._threads[job_id] = thread
-        thread.start()
-        return job_id
-
-    def _run(self, handle: JobHandle, fn: Callable[[JobHandle], Any]) -> None:
-        state, result, error = "done", None, None
-        try:
-            result = fn(handle)
-            if handle.cancelled:
-                state = "cancelled"
-        except JobCancelledError:
-            state = "cancelled"
-        except Exception as exc:
-            log.error("job %s failed: %s", handle.id, traceback.format_exc())
-            state, error = "failed", f"{type(exc).__name__}: {exc}"
-        with self._lock:
-            job = self._jobs.get(handle.id)
-            if job is not None:
-                job.update(state=state, result=result if state == "done" else None, error=error,
-                           ended_ns=time.time_ns())
-                if state == "done":
-                    job["progress"] = 1.0
-            self._active = None
-            self._handles.pop(handle.id, None)
-            self._threads.pop(handle.id, None)
-        log.info("job %s %s", handle.id, state)
-
-    def _update(self, job_id: str, progress: float | None, phase: str | None, meta: dict | None = None) -> None:
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None or job["state"] != "running":
-                return
-            if meta:
-                job["meta"].update(meta)
-            if progress is not None and math.isfinite(progress):
-                job["progress"] = min(1.0, max(0.0, float(progress)))
-            if phase is not None:
-                job["phase"] = str(phase)
-
-    def snapshot(self, job_id: str | None = None) -> dict[str, Any] | None:
-        """A copy of one job (default: the active one, else the newest), or None."""
-        with self._lock:
-            if job_id is None:
-                job_id = self._active or (next(reversed(self._jobs)) if self._jobs else None)
-            job = self._jobs.get(job_id) if job_id is not None else None
-            return dict(job, meta=dict(job["meta"])) if job is not None else None
-
-    def active(self) -> str | None:
-        with self._lock:
-            return self._active
-
-    def cancel(self, job_id: str | None = None) -> bool:
-        """Ask the active job (or ``job_id`` if it is the active one) to stop; True if asked."""
-        with self._lock:
-            target = self._active if job_id is None else job_id
-            handle = self._handles.get(target) if target is not None else None
-        if handle is None:
-            return False
-        handle.cancel_event.set()
-        return True
-
-    def wait(self, job_id: str | None = None, timeout_s: float = 10.0) -> dict[str, Any] | None:
-        """Join the job's thread (bounded) and return its snapshot."""
-        with self._lock:
-            target = job_id or self._active
-            thread = self._threads.get(target) if target else None
-        if thread is not None:
-            thread.join(timeout_s)
-        return self.snapshot(target)
-
-
-# --------------------------------------------------------------------------- server
 @dataclass
 class _Command:
     fn: Callable[..., Any]
@@ -651,4 +394,3 @@ class ControlServer:
             return
         with self._lock:
             self._stats.replies += 1
-

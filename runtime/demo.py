@@ -1,5 +1,4 @@
-"""The scripted operator of ``make demo``: teach tasks one after another, live, and show what the
-robot remembers.
+"""The scripted operator of ``make demo``: teaches tasks live and shows what the robot remembers.
 
 Usage (normally started by ``python -m runtime.launch launch/demo.toml``)::
 
@@ -34,11 +33,11 @@ from typing import Any
 import numpy as np
 import zmq
 
+from common.config import ConfigError, format_config
 from runtime.access import is_loopback
 from runtime.config import load_section
 from runtime.console import ControlClient
 from runtime.scripted import LiveMonitor, class_ids, learn_live, show_sequence, wait_job
-from sensors.config import ConfigError, format_config
 
 log = logging.getLogger("continua.demo")
 
@@ -126,7 +125,7 @@ def _wait_agent(client: ControlClient, timeout_s: float) -> dict[str, Any]:
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    from sensors.datasets.scene_control import SceneClient
+    from demodata.scene_control import SceneClient
 
     ctx = zmq.Context()
     client = ControlClient(cfg.control, keys_dir=None if cfg.insecure else cfg.keys_dir, key_name=cfg.key_name,

@@ -9,8 +9,10 @@ disk is full.
 
 from __future__ import annotations
 
+from common.errors import ContinuaError
 
-class ContinuaRuntimeError(Exception):
+
+class ContinuaRuntimeError(ContinuaError):
     """Base of every error raised on purpose by ``runtime``."""
 
 
@@ -22,9 +24,7 @@ class CommandError(ContinuaRuntimeError):
     """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 class BusyError(CommandError):
@@ -54,9 +54,7 @@ class RemoteError(ControlError):
     """The agent answered ``ok: false``; ``code`` and ``message`` come from the reply."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 class KeyFileError(ContinuaRuntimeError):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from common.threads import start_daemon
 from sensors.curve import client_from
 from sensors.errors import WireError
 from sensors.jpeg import DECODERS, JPEG_REASONS, JpegDecoder
@@ -177,10 +178,7 @@ class SensorIntake:
                                     max_bytes=cfg.queue_bytes, max_message_bytes=cfg.max_message_bytes,
                                     curve=self._curve)
             self._readers.append(_Paced(reader, cfg.max_invalid_hz))
-        for target, name in ((self._run, "intake"), (self._decode_jpegs, "intake-jpeg")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._threads += [start_daemon(self._run, "intake"), start_daemon(self._decode_jpegs, "intake-jpeg")]
         return self
 
     def stop(self) -> None:

@@ -41,8 +41,9 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
+from common.atomic import atomic_write
+from common.config import cli_exit
 from runtime.errors import KeyFileError
-from sensors.atomic import atomic_write
 from sensors.curve import key_pair, write_key_pair
 from sensors.errors import CurveKeyError
 
@@ -209,28 +210,28 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dir", default="keys", help="key directory (default: keys/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.cmd == "create":
-            info = create(args.name, args.dir, force=args.force, role=args.role)
-            print(f"{info.role} {info.name}: public {info.public} ({info.path})")
-        elif args.cmd == "revoke":
-            if not revoke(args.name, args.dir):
-                print(f"{args.name} is not on the allow-list in {args.dir}", file=sys.stderr)
-                return 1
-            print(f"revoked {args.name}: a running agent refuses it from the next request of any console "
-                  "connected with it, and at every new connection (no restart needed)")
-        else:
-            keys = list_keys(args.dir)
-            if args.json:
-                print(json.dumps([{**k.__dict__, "path": str(k.path)} for k in keys]))
-            for k in [] if args.json else keys:
-                flags = ("secret " if k.has_secret else "") + ("allowed" if k.allowed else "NOT allowed")
-                print(f"{k.role:8s} {k.name:20s} {k.public}  {flags}")
-            if not keys and not args.json:
-                print(f"no keys in {args.dir}", file=sys.stderr)
-    except KeyFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli_exit(lambda: _command(args), ((KeyFileError, "error: ", 1),))
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.cmd == "create":
+        info = create(args.name, args.dir, force=args.force, role=args.role)
+        print(f"{info.role} {info.name}: public {info.public} ({info.path})")
+    elif args.cmd == "revoke":
+        if not revoke(args.name, args.dir):
+            print(f"{args.name} is not on the allow-list in {args.dir}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.name}: a running agent refuses it from the next request of any console "
+              "connected with it, and at every new connection (no restart needed)")
+    else:
+        keys = list_keys(args.dir)
+        if args.json:
+            print(json.dumps([{**k.__dict__, "path": str(k.path)} for k in keys]))
+        for k in [] if args.json else keys:
+            flags = ("secret " if k.has_secret else "") + ("allowed" if k.allowed else "NOT allowed")
+            print(f"{k.role:8s} {k.name:20s} {k.public}  {flags}")
+        if not keys and not args.json:
+            print(f"no keys in {args.dir}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,7 @@ each after a grace period, so that agents save their state before they go::
 
     [[process]]
     name = "publishers"
-    module = "sensors.datasets.publish"
+    module = "demodata.publish"
     args = ["--config", "launch/publishers.toml"]
 
     [[process]]
@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sensors.config import ConfigError, from_dict, read_toml
+from common.config import ConfigError, from_dict, read_toml
 
 log = logging.getLogger("continua.launch")
 

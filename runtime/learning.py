@@ -1,6 +1,6 @@
 """The learning job, agent side: collect samples, run a worker process, gate, commit, swap.
 
-``learn-new-task`` is a background job (``runtime.control.JobTracker``). Its thread
+``learn-new-task`` is a background job (``runtime.jobs.JobTracker``). Its thread
 
 1. writes a job directory (``job.json``; the serving state's files as ``base/`` unless it is
    committed, then the worker reads the checkpoint itself) and spawns the
@@ -36,9 +36,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from runtime.control import JobHandle
 from runtime.errors import CommandError, JobCancelledError
 from runtime.gate import GateConfig, decide
+from runtime.jobs import JobHandle
 from runtime.serving import Capture
 from runtime.statefiles import StateFiles
 from runtime.worker import write_task

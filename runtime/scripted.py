@@ -1,7 +1,7 @@
 """A scripted operator for the demo and the live benchmark: show, teach, learn, and score live.
 
 It does what a person at the robot does, through the same interfaces: it holds a class in front
-of the robot (the demo publishers' scene control, ``sensors.datasets.scene_control``), labels
+of the robot (the demo publishers' scene control, ``demodata.scene_control``), labels
 the live samples with ``teach``, asks ``learn-new-task --source taught``, and watches the
 predictions. Live accuracy is scored against the publishers' ground-truth topic (one message
 per camera frame: stamp and class) by the camera stamp each prediction carries, on the classes
@@ -212,6 +212,6 @@ class LiveMonitor:
 
 def class_ids() -> dict[str, int]:
     """Spoken word (the robot's label, e.g. "t-shirt") -> dataset class id, from the prepared data."""
-    from sensors.datasets.store import load
+    from demodata.store import load
 
     return {str(w): i for i, w in enumerate(load("speech")["words"])}

@@ -32,10 +32,12 @@ from export.bundle import ensure_unbundled
 from export.incremental import IncrementalAudioExtractor
 from export.manifest import fingerprint
 from runtime.checkpoints import CheckpointStore
+from runtime.commands import COMMANDS, Arg, parse_source
 from runtime.config import AgentConfig, ControlConfig, ServeConfig
-from runtime.control import COMMANDS, Arg, ControlServer, JobHandle, JobTracker, parse_source
+from runtime.control import ControlServer
 from runtime.errors import CheckpointWriteError, CommandError, NoCheckpointError
 from runtime.intake import MODALITIES, IntakeConfig, SensorIntake
+from runtime.jobs import JobHandle, JobTracker
 from runtime.learning import Learning, capture_live
 from runtime.serving import Served, Server
 from runtime.serving_model import ServingModel

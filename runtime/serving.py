@@ -36,6 +36,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from common.threads import join_all, start_daemon
 from runtime.smoothing import Smoother
 
 log = logging.getLogger(__name__)
@@ -106,14 +107,12 @@ class Server:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100)
         self._pub.bind(self.endpoint)
-        self._thread = threading.Thread(target=self._run, name="serve", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, "serve")
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        join_all([self._thread])
         if self._pub is not None:
             self._pub.close(0)
 

@@ -1,4 +1,6 @@
-"""The learner's prediction in the serving process: ONNX Runtime on the graph that
+"""The learner's prediction in the serving process, computed by ONNX Runtime without torch.
+
+ONNX Runtime runs the graph that
 :func:`training.onnx_export.export_predictor` wrote after the last learned task. No torch here.
 
     model = ServingModel(onnx_bytes, class_names=names, tap_dims=learner.tap_dims)

@@ -1,8 +1,10 @@
-"""Where the samples of a learn-new-task come from: a dataset split or an MCAP recording
+"""Where the samples of a learn-new-task come from when they are not captured live.
+
+A dataset split or an MCAP recording
 (live capture is done by the agent's serving loop, see ``runtime.agent``).
 
 Why raw samples and not cached features: every source goes through the agent's own
-backbones (``runtime.features.FeatureExtractor``), exactly as live frames do, so a task
+backbones (``runtime.backbone_stage.FeatureExtractor``), exactly as live frames do, so a task
 taught from a recording or a dataset trains on the same taps the robot will see.
 
 The dataset source pairs modalities by class as the demo streams do (class ``c`` =
@@ -17,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from demodata.publish import camera_frame
+from demodata.store import load, speech_split
 from runtime.errors import CommandError
 from runtime.intake import Sample
-from sensors.datasets.publish import camera_frame
-from sensors.datasets.store import load, speech_split
 from sensors.mcap_io import read_messages
 from sensors.window import StreamWindow
 from sensors.wire import Audio, Image, Imu

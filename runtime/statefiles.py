@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.atomic import fsync_dir
+from common.atomic import fsync_dir
 from sensors.durable import seal, unseal
 
 log = logging.getLogger(__name__)

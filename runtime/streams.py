@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from common.threads import join_all, start_daemon
 from sensors.window import StreamWindow
 from sensors.wire import Audio, Imu
 
@@ -56,14 +57,12 @@ class _TapStream:
         self._counts = {"items": 0, "computed": 0, "dropped": 0, "errors": 0, "resets": 0}
 
     def start(self) -> _TapStream:
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}-taps", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, f"{self.name}-taps")
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        join_all([self._thread])
 
     def latest(self) -> StreamTaps | None:
         return self._latest

@@ -12,7 +12,7 @@ buffer): 2,608 values per sample, ~5 KB.
 
 Layout of ``root``: ``manifest.json`` (segments in order: file, label, n, sha256) and
 ``seg-000012.npz`` files (``{modality}_{level}`` float16, ``present`` bool, ``stamps`` int64),
-each written to a temp file, fsynced and renamed (``sensors.atomic``). A segment that is missing
+each written to a temp file, fsynced and renamed (``common.atomic``). A segment that is missing
 or fails its checksum on load is skipped and counted; files not in the manifest are removed.
 A failed write (read-only or full disk) keeps the capture in memory and counts
 ``persist_errors``: teaching still works until the next restart.
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.atomic import atomic_write
+from common.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -56,15 +56,18 @@ class TaskSamples:
 
 @dataclass(kw_only=True)
 class LearnSettings:
-    holdout: float = 0.2
-    holdout_guard_s: float = 1.0
-    min_per_label: int = 4
-    reservoir_size: int = 1000
-    reservoir_bytes: int = 8 << 20
-    open_set_quantile: float = 0.99
-    open_set_margin: float = 1.25
-    open_set_rule: str = "mean"
-    seed: int = 0
+    """The job's knobs, as the agent sends them (``runtime.learning``): copied from its ``[serve]``
+    table (``ServeConfig``, which holds their one default) and its seed, so none has a default here."""
+
+    holdout: float
+    holdout_guard_s: float
+    reservoir_size: int
+    reservoir_bytes: int
+    open_set_quantile: float
+    open_set_margin: float
+    open_set_rule: str
+    seed: int
+    min_per_label: int = 4  # the worker's own rule: fewer samples of a label cannot be split
 
 
 @dataclass
@@ -84,9 +87,9 @@ def load_state(base: StateFiles | None, tap_dims: dict[str, list[int]], config: 
     state = base.decode(["learner", "buffer", "reservoir"] if "reservoir" in base.entries else ["learner", "buffer"])
     learner.load_state_dict(state["learner"])
     if state.get("buffer") is not None:
-        learner.strategy.buffer = ReplayBuffer.from_state_dict(state["buffer"], seed=config.seed)
+        learner.strategy.buffer = ReplayBuffer.from_state_dict(state["buffer"], seed=config.training.seed)
     res = state.get("reservoir")
-    return learner, None if res is None else ReplayBuffer.from_state_dict(res, seed=config.seed + 1)
+    return learner, None if res is None else ReplayBuffer.from_state_dict(res, seed=config.training.seed + 1)
 
 
 def _accuracy(learner: Any, data: TaskData | None) -> float | None:

@@ -122,7 +122,7 @@ def write_task(path: Path, taps: dict[str, list[np.ndarray]], present: np.ndarra
 
 def _source_samples(spec: dict[str, Any], link: Link) -> Any:
     """Taps of a dataset or recording source, through the same backbones the agent serves with."""
-    from runtime.features import FeatureExtractor
+    from runtime.backbone_stage import FeatureExtractor
     from runtime.sources import dataset_samples, mcap_samples
     from runtime.training_job import TaskSamples
 
@@ -147,9 +147,9 @@ def _source_samples(spec: dict[str, Any], link: Link) -> Any:
 
 
 def run(job: Path, link: Link) -> dict[str, Any]:
+    from common.config import from_dict
     from runtime import training_job as tj
     from runtime.statefiles import StateFiles
-    from sensors.config import from_dict
     from training.config import LearnerConfig
 
     spec = json.loads((job / "job.json").read_text())

@@ -1,0 +1,1 @@
+"""The sensor side: wire format, transport, drivers, MCAP recording and replay, inspection."""

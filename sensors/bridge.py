@@ -33,11 +33,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from sensors.config import cli_config
-from sensors.curve import server_from
-from sensors.errors import CurveKeyError, WireError
-from sensors.mcap_io import jpeg_size
-from sensors.publish import stop_on_signals
+from sensors.cli import run_tool
+from sensors.curve import CurveServerConfig
+from sensors.errors import WireError
+from sensors.jpeg import jpeg_size
 from sensors.transport import Publisher
 from sensors.wire import MAX_FRAME_ID, MAX_IMAGE_SIDE, Image
 
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class ImageZmqBridgeConfig:
+class ImageZmqBridgeConfig(CurveServerConfig):
     connect: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
     publish: str = "tcp://*:5556"
     topic: str = "camera"
@@ -57,8 +56,6 @@ class ImageZmqBridgeConfig:
     max_frames: int = 0  # stop after this many published frames; 0 = no limit
     seconds: float = 0.0  # 0 = until a signal
     log_every_s: float = 5.0
-    curve_secret_key: str = ""  # CurveZMQ on the wire-format side: our NAME.key_secret ("" = plain)
-    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
         if not self.connect:
@@ -96,7 +93,7 @@ class ImageZmqBridge:
                 )
         ctx = context if context is not None else zmq.Context.instance()
         self.publisher = Publisher(cfg.publish, sndhwm=cfg.sndhwm, context=ctx,
-                                   curve=server_from(cfg.curve_secret_key, cfg.curve_allow_dir))
+                                   curve=cfg.curve_server())
         self.endpoint = self.publisher.endpoint
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -245,27 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-id", default=None)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--seconds", type=float, default=None)
-    p.add_argument("--config", default=None, help="TOML file with a [bridge] table")
-    p.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    cfg = cli_config(
-        ImageZmqBridgeConfig, args, "bridge",
-        connect=args.connect, publish=args.publish, topic=args.topic, to_rgb=args.to_rgb,
-        keep_jpeg=args.keep_jpeg, frame_id=args.frame_id, max_frames=args.max_frames, seconds=args.seconds,
-    )  # fmt: skip
-    if cfg is None:
-        return 2
-    stop = threading.Event()
-    try:
-        bridge = ImageZmqBridge(cfg)
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    with stop_on_signals(stop), bridge:
+    return run_tool(parser, argv, ImageZmqBridgeConfig, "bridge", _bridge, flags=p)
+
+
+def _bridge(cfg: ImageZmqBridgeConfig, stop: threading.Event) -> dict[str, Any]:
+    with ImageZmqBridge(cfg) as bridge:
         log.info("bridging imagezmq %s -> %s topic %r", cfg.connect, bridge.endpoint, cfg.topic)
-        summary = bridge.run(stop)
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+        return bridge.run(stop)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from sensors.atomic import atomic_write
+from common.atomic import atomic_write
+from common.config import cli_exit
 from sensors.errors import CurveKeyError
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,19 @@ def server_from(secret_key: str, allow_dir: str = "") -> CurveServer | None:
     return CurveServer.from_files(secret_key, allow_dir)
 
 
+@dataclass(kw_only=True)
+class CurveServerConfig:
+    """The Curve fields of every publisher's config (``sensors.publish``, ``sensors.play``,
+    ``sensors.bridge``), declared once so that their TOML keys and meaning cannot drift."""
+
+    curve_secret_key: str = ""  # CurveZMQ: this publisher's NAME.key_secret ("" = plain)
+    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
+
+    def curve_server(self) -> CurveServer | None:
+        """These fields as a ``CurveServer`` for ``Publisher(curve=...)`` (None: Curve off)."""
+        return server_from(self.curve_secret_key, self.curve_allow_dir)
+
+
 def client_from(publisher_keys: Mapping[str, Any], secret_key: str = "",
                 endpoints: Sequence[str] = ()) -> CurveClient | None:
     """A subscriber config's Curve fields as a ``CurveClient`` (None: Curve off)."""
@@ -264,25 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():
         p.add_argument("--dir", default="keys/sensors", help="key directory (default keys/sensors)")
     args = parser.parse_args(argv)
+    return cli_exit(lambda: _command(args), ((CurveKeyError, "error: ", 1),))
+
+
+def _command(args: argparse.Namespace) -> int:
     root = Path(args.dir)
-    try:
-        if args.cmd == "create":
-            pub, sec = create_keys(args.name, root, force=args.force)
-            print(f"{args.name}: public {public_key(pub).decode()} ({pub}); secret {sec}")
-        elif args.cmd == "allow":
-            _check_name(args.name)
-            src = root / f"{args.name}.key"
-            public_key(src)
-            (root / SUBSCRIBERS).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, root / SUBSCRIBERS / src.name)
-            print(f"{args.name} may subscribe to publishers whose curve_allow_dir is {root / SUBSCRIBERS}")
-        else:
-            for path in sorted(root.glob("*.key")) + sorted((root / SUBSCRIBERS).glob("*.key")):
-                secret = path.with_suffix(".key_secret").exists()
-                print(f"{path}  {public_key(path).decode()}{'  (secret beside it)' if secret else ''}")
-    except CurveKeyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.cmd == "create":
+        pub, sec = create_keys(args.name, root, force=args.force)
+        print(f"{args.name}: public {public_key(pub).decode()} ({pub}); secret {sec}")
+    elif args.cmd == "allow":
+        _check_name(args.name)
+        src = root / f"{args.name}.key"
+        public_key(src)
+        (root / SUBSCRIBERS).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / SUBSCRIBERS / src.name)
+        print(f"{args.name} may subscribe to publishers whose curve_allow_dir is {root / SUBSCRIBERS}")
+    else:
+        for path in sorted(root.glob("*.key")) + sorted((root / SUBSCRIBERS).glob("*.key")):
+            secret = path.with_suffix(".key_secret").exists()
+            print(f"{path}  {public_key(path).decode()}{'  (secret beside it)' if secret else ''}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Durability helpers beside :mod:`sensors.atomic`: sealed JSON manifests and named fault points.
+"""Durability helpers beside :mod:`common.atomic`: sealed JSON manifests and named fault points.
 
 Sealed manifests. A checksummed manifest guards the files it lists, but a manifest is itself a
 file that every load opens: a flipped byte in its metadata (a version, a sample count, a dtype)

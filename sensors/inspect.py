@@ -1,4 +1,6 @@
-"""Look at live topics: rate, counts, invalid messages, drops, restarts, latency (like
+"""A command-line inspector of live sensor topics, like ``ros2 topic hz`` and ``ros2 topic echo``.
+
+Look at live topics: rate, counts, invalid messages, drops, restarts, latency (like
 ``ros2 topic hz`` + ``ros2 topic echo``).
 
     python -m sensors.inspect --connect tcp://127.0.0.1:5555
@@ -30,10 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from sensors.config import cli_config
-from sensors.curve import client_from, parse_endpoint_keys
-from sensors.errors import CurveKeyError
-from sensors.publish import stop_on_signals
+from sensors.cli import run_tool
+from sensors.curve import client_from
 from sensors.transport import LosslessReader
 from sensors.wire import Audio, Image, Imu, Message
 
@@ -181,7 +181,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sensors.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--connect", action="append", default=None, help="endpoint (repeatable)")
@@ -192,34 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds (default 5)")
     parser.add_argument("--echo", action="store_true", default=None, help="print one line per message")
     parser.add_argument("--json", action="store_true", default=None, help="last stdout line: one JSON object")
-    parser.add_argument("--curve-key", action="append", default=None, metavar="ENDPOINT=KEYFILE",
-                        help="accept only this publisher at ENDPOINT (CurveZMQ; repeatable)")
-    parser.add_argument("--config", default=None, help="TOML file with an [inspect] table")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    try:
-        keys = parse_endpoint_keys(args.curve_key)
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    cfg = cli_config(
-        InspectConfig, args, "inspect",
-        connect=args.connect, topics=args.topics, count=args.count, seconds=args.seconds,
-        echo=args.echo, json=args.json, curve_publisher_keys=keys,
-    )  # fmt: skip
-    if cfg is None:
-        return 2
-    stop = threading.Event()
-    try:
-        with stop_on_signals(stop):
-            result = inspect(cfg, stop, out=sys.stdout)
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    return run_tool(parser, argv, InspectConfig, "inspect", lambda cfg, stop: inspect(cfg, stop, out=sys.stdout),
+                    report=_report, curve_keys=True)
+
+
+def _report(cfg: InspectConfig, result: dict[str, Any]) -> None:
     print(format_table(result))
     if cfg.json:
         print(json.dumps(result, sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":

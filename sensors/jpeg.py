@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from typing import Any
 
 import numpy as np
 
 from sensors.errors import WireError
-from sensors.mcap_io import jpeg_size
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,33 @@ JPEG_REASONS: dict[str, str] = {
     "jpeg_decode": "the decoder refused the data (truncated or corrupt), or decoded another size",
     "jpeg_no_decoder": "neither OpenCV nor Pillow is installed in the receiving process",
 }
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes | memoryview | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's SOF marker, or None if there is none before the scan."""
+    b = bytes(memoryview(data).cast("B")[:65536]) if not isinstance(data, bytes) else data[:65536]
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 2
+        elif marker in (0xD9, 0xDA):
+            return None
+        elif marker in _SOF:
+            if i + 9 > len(b):
+                return None
+            h, w = struct.unpack(">HH", b[i + 5 : i + 9])
+            return (h, w) if h and w else None
+        else:
+            i += 2 + struct.unpack(">H", b[i + 2 : i + 4])[0]
+    return None
 
 
 class JpegDecoder:

@@ -6,7 +6,7 @@
 
 Timing: message i goes out at start + (stamp_i - stamp_0) / rate, or back to back with
 ``--fast``. By default each message is re-stamped to the time it is sent (IMU samples are
-shifted by the same offset) so that downstream latency checks and time sync treat the
+shifted by the same offset) so that the agent's staleness and latency checks treat the
 replay as a live sensor; ``--keep-stamps`` keeps the recorded stamps. Sequence numbers are
 assigned afresh by the publisher. The last stdout line is a JSON summary. ``curve_secret_key``
 / ``curve_allow_dir``: publish with CurveZMQ, as ``sensors.publish`` does.
@@ -15,7 +15,6 @@ assigned afresh by the publisher. The last stdout line is a JSON summary. ``curv
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import threading
@@ -25,18 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sensors.config import cli_config
-from sensors.curve import server_from
+from sensors.cli import run_tool
+from sensors.curve import CurveServerConfig
 from sensors.errors import CurveKeyError
 from sensors.mcap_io import Player
-from sensors.publish import stop_on_signals
 from sensors.transport import Publisher
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class PlayConfig:
+class PlayConfig(CurveServerConfig):
     file: str = ""
     endpoint: str = "tcp://*:5560"
     rate: float = 1.0
@@ -48,8 +46,6 @@ class PlayConfig:
     wait_subscribers: int = 0
     wait_timeout_s: float = 10.0
     linger_s: float = 0.5
-    curve_secret_key: str = ""  # CurveZMQ: this publisher's NAME.key_secret ("" = plain)
-    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
         if not self.file:
@@ -74,8 +70,7 @@ def play(cfg: PlayConfig, stop: threading.Event) -> dict[str, Any]:
         restamp=not cfg.keep_stamps,
         stop=stop,
     )
-    curve = server_from(cfg.curve_secret_key, cfg.curve_allow_dir)
-    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=curve) as pub:
+    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=cfg.curve_server()) as pub:
         log.info("playing %s on %s", cfg.file, pub.endpoint)
         if cfg.wait_subscribers and not pub.wait_for_subscribers(cfg.wait_subscribers, cfg.wait_timeout_s):
             log.warning(
@@ -113,26 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sndhwm", type=int, default=None)
     parser.add_argument("--wait-subscribers", type=int, default=None)
     parser.add_argument("--wait-timeout-s", type=float, default=None)
-    parser.add_argument("--config", default=None, help="TOML file with a [play] table")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    cfg = cli_config(
-        PlayConfig, args, "play",
-        file=args.file, endpoint=args.endpoint, rate=args.rate, fast=args.fast, loop=args.loop,
-        topics=args.topics, keep_stamps=args.keep_stamps, sndhwm=args.sndhwm,
-        wait_subscribers=args.wait_subscribers, wait_timeout_s=args.wait_timeout_s,
-    )  # fmt: skip
-    if cfg is None:
-        return 2
-    stop = threading.Event()
-    try:
-        with stop_on_signals(stop):
-            summary = play(cfg, stop)
-    except (FileNotFoundError, CurveKeyError) as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+    return run_tool(parser, argv, PlayConfig, "play", play, failures=(((FileNotFoundError, CurveKeyError), "", 2),))
 
 
 if __name__ == "__main__":

@@ -18,29 +18,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import signal
 import sys
 import threading
 import time
 import typing
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sensors.config import ConfigError, format_config, load_config
-from sensors.curve import server_from
+from common.config import ConfigError, format_config, load_config, require_non_negative, require_positive
+from sensors.cli import CONFIG_FAILURES, run_until_stopped
+from sensors.curve import CurveServerConfig
 from sensors.drivers import DRIVERS
-from sensors.errors import CurveKeyError, DeviceNotAvailableError
+from sensors.errors import DeviceNotAvailableError
 from sensors.transport import Publisher
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class PublishConfig:
+class PublishConfig(CurveServerConfig):
     """``topic`` "" = the driver's default ("camera", "mic", "imu"). ``max_rate_hz`` paces
     fast sources (files); ``max_messages``/``seconds`` 0 = unlimited."""
 
@@ -54,18 +51,11 @@ class PublishConfig:
     seconds: float = 0.0
     log_every_s: float = 5.0
     linger_s: float = 0.5
-    curve_secret_key: str = ""  # CurveZMQ: this publisher's NAME.key_secret ("" = plain)
-    curve_allow_dir: str = ""  # CurveZMQ: directory of the subscriber public keys let in ("" = any)
 
     def __post_init__(self) -> None:
-        for name in ("sndhwm", "wait_subscribers", "max_messages"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("wait_timeout_s", "max_rate_hz", "seconds", "linger_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every_s <= 0:
-            raise ValueError(f"log_every_s must be > 0, got {self.log_every_s}")
+        require_non_negative(self, "sndhwm", "wait_subscribers", "max_messages", "wait_timeout_s", "max_rate_hz",
+                             "seconds", "linger_s")
+        require_positive(self, "log_every_s")
 
 
 # --------------------------------------------------------------------------- CLI helpers
@@ -94,22 +84,6 @@ def picked(ns: argparse.Namespace, prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in vars(ns).items() if k.startswith(prefix) and v is not None}
 
 
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Set ``stop`` on SIGINT/SIGTERM (only possible from the main thread; tests call main()
-    from other threads and stop it with --max-messages/--seconds instead)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handler: Callable[[int, Any], None] = lambda signum, frame: stop.set()  # noqa: E731
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 # --------------------------------------------------------------------------- run
 def run(driver_name: str, cfg: PublishConfig, driver_cfg: Any, stop: threading.Event) -> dict[str, Any]:
     """Publish until stop/limit/end of source; returns the summary."""
@@ -117,8 +91,7 @@ def run(driver_name: str, cfg: PublishConfig, driver_cfg: Any, stop: threading.E
     topic = cfg.topic or driver.default_topic
     published = 0
     t0 = time.monotonic()
-    curve = server_from(cfg.curve_secret_key, cfg.curve_allow_dir)
-    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=curve) as pub, driver:
+    with Publisher(cfg.endpoint, sndhwm=cfg.sndhwm, curve=cfg.curve_server()) as pub, driver:
         log.info("publishing %s on %s topic %r", driver_name, pub.endpoint, topic)
         if cfg.wait_subscribers and not pub.wait_for_subscribers(
             cfg.wait_subscribers, cfg.wait_timeout_s, topic=topic
@@ -200,18 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("effective config: %s", format_config(cfg))
     log.info("effective config: %s", format_config(driver_cfg))
-    stop = threading.Event()
-    try:
-        with stop_on_signals(stop):
-            summary = run(args.driver, cfg, driver_cfg, stop)
-    except DeviceNotAvailableError as exc:
-        print(f"device not available: {exc}", file=sys.stderr)
-        return 3
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+    return run_until_stopped(
+        lambda stop: run(args.driver, cfg, driver_cfg, stop),
+        failures=((DeviceNotAvailableError, "device not available: ", 3), *CONFIG_FAILURES),
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Receivers of the wire format (``sensors.wire``), bounded in bytes. Re-exported by ``sensors.transport``.
+"""Receivers of the wire format (``sensors.wire``), bounded in bytes.
+
+Re-exported by ``sensors.transport``.
 
 - ``LatestReceiver``: a background thread that reads everything and keeps only the newest
   message per topic, for inference. ``ZMQ_CONFLATE`` cannot do this (it breaks multipart

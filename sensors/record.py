@@ -18,7 +18,6 @@ last stdout line is a JSON summary.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import threading
@@ -27,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sensors.config import cli_config
-from sensors.curve import client_from, parse_endpoint_keys
-from sensors.errors import CurveKeyError, WireError
+from sensors.cli import run_tool
+from sensors.curve import client_from
+from sensors.errors import WireError
 from sensors.mcap_io import Recorder
-from sensors.publish import stop_on_signals
 from sensors.transport import LosslessReader
 
 log = logging.getLogger(__name__)
@@ -146,32 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None)
     parser.add_argument("--max-messages", type=int, default=None)
     parser.add_argument("--compression", choices=["zstd", "lz4", "none"], default=None)
-    parser.add_argument("--curve-key", action="append", default=None, metavar="ENDPOINT=KEYFILE",
-                        help="accept only this publisher at ENDPOINT (CurveZMQ; repeatable)")
-    parser.add_argument("--config", default=None, help="TOML file with a [record] table")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    try:
-        keys = parse_endpoint_keys(args.curve_key)
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    cfg = cli_config(
-        RecordConfig, args, "record",
-        connect=args.connect, out=args.out, topics=args.topics, seconds=args.seconds,
-        max_messages=args.max_messages, compression=args.compression, curve_publisher_keys=keys,
-    )  # fmt: skip
-    if cfg is None:
-        return 2
-    stop = threading.Event()
-    try:
-        with stop_on_signals(stop):
-            summary = record(cfg, stop)
-    except CurveKeyError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0
+    return run_tool(parser, argv, RecordConfig, "record", record, curve_keys=True)
 
 
 if __name__ == "__main__":

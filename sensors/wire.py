@@ -30,7 +30,7 @@ recognised by ``seq`` going back (``SequenceTracker``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -296,6 +296,20 @@ _PER_KIND: dict[str, dict[str, type]] = {
 }
 
 
+# per kind: the field naming a format (field, what it is called, the known values), then the
+# numeric fields with their [lo, hi]: one table, so that every kind is checked by the same code
+_ENUMS: dict[str, tuple[str, str, Mapping[str, Any]]] = {
+    "image": ("encoding", "image encoding", IMAGE_ENCODINGS),
+    "audio": ("format", "audio format", AUDIO_FORMATS),
+}
+_RANGES: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "image": (("height", 1, MAX_IMAGE_SIDE), ("width", 1, MAX_IMAGE_SIDE), ("step", 0, MAX_IMAGE_SIDE * 4)),
+    "audio": (("sample_rate", 1, MAX_SAMPLE_RATE), ("channels", 1, MAX_AUDIO_CHANNELS),
+              ("samples", 1, MAX_SAMPLE_RATE * 60)),
+    "imu": (("count", 1, MAX_IMU_BATCH),),
+}
+
+
 def _check_fields(header: dict[str, Any], spec: dict[str, type], *, required: bool = True) -> None:
     for key, typ in spec.items():
         if key not in header:
@@ -329,20 +343,13 @@ def _validate_header(header: Any) -> None:
     _in_range("session", header.get("session", 0), 0, UINT64_MAX)
     if len(header["frame_id"]) > MAX_FRAME_ID:
         raise WireError("field_range", f"frame_id longer than {MAX_FRAME_ID} characters")
-    if kind == "image":
-        if header["encoding"] not in IMAGE_ENCODINGS:
-            raise WireError("encoding", f"unknown image encoding {header['encoding']!r}; expected one of {sorted(IMAGE_ENCODINGS)}")
-        _in_range("height", header["height"], 1, MAX_IMAGE_SIDE)
-        _in_range("width", header["width"], 1, MAX_IMAGE_SIDE)
-        _in_range("step", header["step"], 0, MAX_IMAGE_SIDE * 4)
-    elif kind == "audio":
-        if header["format"] not in AUDIO_FORMATS:
-            raise WireError("encoding", f"unknown audio format {header['format']!r}; expected one of {sorted(AUDIO_FORMATS)}")
-        _in_range("sample_rate", header["sample_rate"], 1, MAX_SAMPLE_RATE)
-        _in_range("channels", header["channels"], 1, MAX_AUDIO_CHANNELS)
-        _in_range("samples", header["samples"], 1, MAX_SAMPLE_RATE * 60)
-    else:
-        _in_range("count", header["count"], 1, MAX_IMU_BATCH)
+    if kind in _ENUMS:
+        key, what, known = _ENUMS[kind]
+        if header[key] not in known:
+            raise WireError("encoding", f"unknown {what} {header[key]!r}; expected one of {sorted(known)}")
+    for key, lo, hi in _RANGES[kind]:
+        _in_range(key, header[key], lo, hi)
+    if kind == "imu":
         for key in ("orientation_covariance", "angular_velocity_covariance", "linear_acceleration_covariance"):
             cov = header[key]
             if len(cov) != 9 or not all(isinstance(x, float | int) and not isinstance(x, bool) for x in cov):

@@ -6,7 +6,7 @@ import importlib.metadata as md
 import re
 from pathlib import Path
 
-from sensors.config import tomllib
+from common.config import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = "continua-robot"

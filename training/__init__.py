@@ -1,4 +1,6 @@
-"""The learner and everything it is measured with: side network over backbone taps, replay buffer,
+"""The learner and everything it is measured with.
+
+Side network over backbone taps, replay buffer,
 continual-learning strategies (one short file each under ``training.strategies``), metrics and
 scenarios.
 

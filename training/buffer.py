@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.atomic import atomic_write, fsync_dir
+from common.atomic import atomic_write, fsync_dir
 from sensors.durable import fault_point, seal, unseal
 from training.errors import BufferCorruptError, ReplayBufferError
 

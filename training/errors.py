@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import ContinuaError
 
-class TrainingError(Exception):
+
+class TrainingError(ContinuaError):
     """Base class of every error raised by continua.training."""
 
 

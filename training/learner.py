@@ -89,10 +89,10 @@ class Learner:
         self.load_report: learner_state.LoadReport | None = None  # set by ``load``: which generation, what was skipped
 
     def _new_strategy(self):
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(self.config.training.seed)
         model = SideNetwork(self.config.model_config(self.tap_dims))
-        buffer = ReplayBuffer(self.config.buffer_size, self.config.buffer_bytes, self.config.buffer_dtype,
-                              seed=self.config.seed)
+        t = self.config.training
+        buffer = ReplayBuffer(t.buffer_size, t.buffer_bytes, t.buffer_dtype, seed=t.seed)
         return get_strategy(self.config.strategy)(model, self.config.strategy_config(), buffer=buffer)
 
     @property
@@ -137,7 +137,7 @@ class Learner:
         if str(dev) != "cpu":  # a learner training on the GPU (worker with device="cuda")
             t = {m: [x.to(dev) for x in lv] for m, lv in t.items()}
             present = present.to(dev)
-        with torch_threads(self.config.threads):
+        with torch_threads(self.config.training.threads):
             logits = strategy.predict(t, present).cpu()
         if logits.shape[1] == 0:
             n = present.shape[0]
@@ -164,7 +164,7 @@ class Learner:
                     for m, dims in self.tap_dims.items()}
             data = TaskData(taps=taps, present=samples.present, labels=[index[n] for n in samples.names], task=task)
         if len(data) > self.config.max_task_samples:
-            rng = np.random.default_rng(self.config.seed + task)
+            rng = np.random.default_rng(self.config.training.seed + task)
             data = data.subset(np.sort(rng.choice(len(data), self.config.max_task_samples, replace=False)))
             log.info("learn_task: subsampled to max_task_samples=%d", self.config.max_task_samples)
         return data, names
@@ -248,13 +248,11 @@ class Learner:
         """The newest generation of ``directory`` that verifies (``load_report`` says which, and
         why newer ones were skipped); ``LearnerStateError`` when none does, or for a directory in
         the old pickle format (never unpickled: it could run code)."""
-        from sensors.config import from_dict
-
         parts, report = learner_state.load_generation(Path(directory))
         state = parts["learner"]
-        learner = cls(state["tap_dims"], config or from_dict(LearnerConfig, state["config"]))
+        learner = cls(state["tap_dims"], config or LearnerConfig.from_saved(state["config"]))
         if parts.get("buffer") is not None:
-            learner.strategy.buffer = ReplayBuffer.from_state_dict(parts["buffer"], seed=learner.config.seed)
+            learner.strategy.buffer = ReplayBuffer.from_state_dict(parts["buffer"], seed=learner.config.training.seed)
         learner.load_state_dict(state)
         learner.load_report = report
         return learner

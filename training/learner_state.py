@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sensors.atomic import fsync_dir
+from common.atomic import fsync_dir
 from sensors.durable import fault_point, seal, unseal
 from training.errors import LearnerStateError
 
@@ -272,7 +272,6 @@ def convert_old_format(old: Path | str, new: Path | str) -> Path:
     ``state.pt`` is read with ``torch.load(weights_only=True)`` too: the old state held only
     tensors and plain values, so a genuine file converts, and one that needs any other class
     (a crafted pickle) is refused here as well."""
-    from sensors.config import from_dict
     from training.buffer import ReplayBuffer
     from training.config import LearnerConfig
     from training.learner import Learner
@@ -282,8 +281,8 @@ def convert_old_format(old: Path | str, new: Path | str) -> Path:
         state = torch.load(old / "state.pt", weights_only=True, map_location="cpu")
     except Exception as exc:  # the restricted unpickler refusing a global, a torn zip...
         raise LearnerStateError(f"{old / 'state.pt'} cannot be converted safely ({type(exc).__name__}: {exc})") from exc
-    learner = Learner(state["tap_dims"], from_dict(LearnerConfig, state["config"]))
+    learner = Learner(state["tap_dims"], LearnerConfig.from_saved(state["config"]))
     if (old / "buffer").exists():
-        learner.strategy.buffer = ReplayBuffer.load(old / "buffer", seed=learner.config.seed)
+        learner.strategy.buffer = ReplayBuffer.load(old / "buffer", seed=learner.config.training.seed)
     learner.load_state_dict(state)
     return learner.save(new)

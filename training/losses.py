@@ -17,7 +17,7 @@ replayed samples, no present modality pair), so a strategy can add them uncondit
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,17 +215,22 @@ class OnlineGroupEWC:
         self.weights = {g: counts[g] / (sums[g] + _EPS) if sums[g] > 0 else 0.0 for g in sums}
         log.debug("EWC group weights %s", self.weights)
 
-    def penalty(self, model: nn.Module) -> Tensor:
-        """sum_g w_g * sum_{i in g} F_i (theta_i - theta*_i)^2 (0 before the first update)."""
-        total: Tensor | None = None
+    def _anchored(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, float, Tensor, Tensor]]:
+        """``(p, w_g, F, theta*)`` for each trainable parameter with a Fisher and a non-zero group
+        weight, F and theta* fitted to p's current shape: what the penalty and its cached analytic
+        gradient both sum over, so the two can never disagree on which parameters count."""
         for n, p in model.named_parameters():
             if not p.requires_grad or n not in self.fisher:
                 continue
             w = self.weights.get(self.group_of(n), 0.0)
             if w == 0.0:
                 continue
-            f = self._fit(self.fisher[n], p.shape)
-            theta = self._fit(self.theta[n], p.shape)
+            yield p, w, self._fit(self.fisher[n], p.shape), self._fit(self.theta[n], p.shape)
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """sum_g w_g * sum_{i in g} F_i (theta_i - theta*_i)^2 (0 before the first update)."""
+        total: Tensor | None = None
+        for p, w, f, theta in self._anchored(model):
             term = w * (f * (p - theta).pow(2)).sum()
             total = term if total is None else total + term
         if total is None:
@@ -242,15 +247,10 @@ class OnlineGroupEWC:
         ``2 w_g F (theta - theta*)``, three flat vector ops.
         """
         params, wf, theta = [], [], []
-        for n, p in model.named_parameters():
-            if not p.requires_grad or n not in self.fisher:
-                continue
-            w = self.weights.get(self.group_of(n), 0.0)
-            if w == 0.0:
-                continue
+        for p, w, f, anchor in self._anchored(model):
             params.append(p)
-            wf.append((w * self._fit(self.fisher[n], p.shape)).reshape(-1))
-            theta.append(self._fit(self.theta[n], p.shape).reshape(-1))
+            wf.append((w * f).reshape(-1))
+            theta.append(anchor.reshape(-1))
         self._cache = (params, torch.cat(wf), torch.cat(theta)) if params else None
 
     @torch.no_grad()

@@ -29,53 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ADAPTERS = ("none", "moe")
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Shape of the side network. ``tap_dims``: modality -> tap dims ordered shallow -> deep."""
-
-    tap_dims: dict[str, list[int]]
-    d: int = 128
-    adapter: str = "none"
-    n_experts: int = 10
-    top_k: int = 2
-    freeze_threshold: float = 0.10
-    bottleneck: int = 32
-    modality_dropout: float = 0.0
-    proj_dim: int = 128
-    num_classes: int = 0
-    fusion_hidden: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.tap_dims:
-            raise ValueError("ModelConfig.tap_dims must name at least one modality, got {}")
-        for mod, dims in self.tap_dims.items():
-            if not dims or any(int(x) <= 0 for x in dims):
-                raise ValueError(f"ModelConfig.tap_dims[{mod!r}] must be a non-empty list of positive dims, got {dims}")
-        self.tap_dims = {m: [int(x) for x in dims] for m, dims in self.tap_dims.items()}
-        for name in ("d", "proj_dim", "n_experts", "top_k", "bottleneck", "fusion_hidden"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"ModelConfig.adapter must be one of {ADAPTERS}, got {self.adapter!r}")
-        if self.top_k > self.n_experts:
-            raise ValueError(f"ModelConfig.top_k must be <= n_experts={self.n_experts}, got {self.top_k}")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"ModelConfig.modality_dropout must be in [0, 1), got {self.modality_dropout}")
-        if not 0.0 < self.freeze_threshold <= 1.0:
-            raise ValueError(f"ModelConfig.freeze_threshold must be in (0, 1], got {self.freeze_threshold}")
-        if self.num_classes < 0:
-            raise ValueError(f"ModelConfig.num_classes must be >= 0, got {self.num_classes}")
-
-    @property
-    def modalities(self) -> list[str]:
-        return list(self.tap_dims)
-
-    @property
-    def levels(self) -> int:
-        return max(len(d) for d in self.tap_dims.values())
+from training.config import ModelConfig  # torch-free: the serving process reads it without torch
 
 
 @dataclass
@@ -106,6 +60,8 @@ class SideNetwork(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not config.tap_dims:  # the config tree leaves it empty: the backbones fill it
+            raise ValueError("ModelConfig.tap_dims must name at least one modality, got {}")
         self.config = config
         self.modalities: list[str] = config.modalities
         k, d, p, levels = len(self.modalities), config.d, config.proj_dim, config.levels

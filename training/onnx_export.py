@@ -258,7 +258,7 @@ def predictor_template(learner: Learner, labels: Sequence[str], *, train_step: b
                                 for m, dims in learner.tap_dims.items()},
                           present=np.ones((len(labels), len(learner.tap_dims)), bool), names=list(labels))
     data, _ = learner._task_data(dry, work.tasks_learned)
-    with torch_threads(learner.config.threads), _quiet():
+    with torch_threads(learner.config.training.threads), _quiet():
         work.learn_task(data)
         cpu = _cpu_strategy(work)
         module = _predictor_module(cpu, learner.tap_dims)
@@ -295,7 +295,7 @@ def export(learner: Learner, template: PredictorTemplate | None = None) -> Expor
     module = _predictor_module(work, tap_dims)
     names = input_names(tap_dims)
     t0 = time.perf_counter()
-    with torch_threads(learner.config.threads):
+    with torch_threads(learner.config.training.threads):
         data, how = None, "traced"
         if template is not None:
             try:
@@ -420,7 +420,7 @@ def predictor_parity(learner: Learner, onnx_bytes: bytes, taps: Mapping[str, lis
         strategy = learner.strategy
     dev = strategy.device
     t = {m: [torch.as_tensor(np.asarray(x, np.float32), device=dev) for x in taps[m]] for m in learner.tap_dims}
-    with torch_threads(learner.config.threads):
+    with torch_threads(learner.config.training.threads):
         logits = strategy.predict(t, torch.as_tensor(present, device=dev))
     ref = torch.softmax(logits.float(), dim=1).cpu().numpy()
     got = _session(onnx_bytes).run([OUTPUT_NAME], feeds(learner.tap_dims, taps, present))[0]

@@ -1,4 +1,4 @@
-"""Open-set check over backbone taps: is a sample near a class the learner was taught?
+"""Open-set check over backbone taps: whether a sample lies near a class the learner was taught.
 
 Why: the classifier's softmax is confident far from every learned class (camera noise frames
 come out "trouser" at 0.999), so the agent needs a second, independent opinion that says

@@ -1,13 +1,14 @@
 """TaskData: what every strategy trains on and is evaluated with (taps, present mask, labels, task id).
 
-Kept apart from :mod:`training.scenarios` so that the runtime, which builds TaskData from live
+Kept apart from :mod:`benchmarks.scenarios` so that the runtime, which builds TaskData from live
 samples, imports neither the offline datasets nor torchvision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -76,3 +77,32 @@ class TaskData:
         return cls(taps=taps, present=np.concatenate([p.present for p in parts]),
                    labels=np.concatenate([p.labels for p in parts]),
                    task=parts[-1].task if task is None else task, name=name or parts[-1].name)
+
+
+@dataclass
+class Scenario:
+    """Train/test TaskData per task, plus what a report needs to say what was run."""
+
+    name: str
+    kind: str
+    train: list[TaskData]
+    test: list[TaskData]
+    class_names: list[str]
+    plan_hash: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.train)
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.train[0].modalities
+
+    @property
+    def tap_dims(self) -> dict[str, list[int]]:
+        return self.train[0].tap_dims
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(int(t.labels.max()) for t in self.train)) + 1

@@ -1,4 +1,6 @@
-"""TensorRT backend (TensorRT 10 Python API, JetPack 6). ``import tensorrt`` only inside functions.
+"""TensorRT backend: builds and runs backbone engines (TensorRT 10 Python API, JetPack 6).
+
+``import tensorrt`` only inside functions.
 
 Build: Builder -> create_network(0) (explicit batch is the only mode in TRT 10) -> OnnxParser
 .parse_from_file (every error printed) -> optimisation profile for the dynamic dims ->

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.access import is_loopback
-from runtime.config import _check_endpoint, _check_insecure, _check_positive
+from runtime.config import _check_endpoint, _check_insecure, _check_positive, _check_range
 
 
 @dataclass(kw_only=True)
@@ -50,13 +50,9 @@ class WebConfig:
         self.keys_dir, self.state_dir = Path(self.keys_dir), Path(self.state_dir)
         for name in ("timeout_s", "status_hz", "thumbnail_fps"):
             _check_positive(name, getattr(self, name))
-        for name in ("port", "foxglove_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 65535]")
-        if not 16 <= self.thumbnail_width <= 1920:
-            raise ValueError(f"thumbnail_width={self.thumbnail_width!r} must be in [16, 1920]")
-        if not 10 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality={self.jpeg_quality!r} must be in [10, 95]")
+        _check_range(self, 0, 65535, "port", "foxglove_port")
+        _check_range(self, 16, 1920, "thumbnail_width")
+        _check_range(self, 10, 95, "jpeg_quality")
         if self.client_queue < 8:
             raise ValueError(f"client_queue={self.client_queue!r} must be >= 8")
 

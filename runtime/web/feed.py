@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from common.threads import start_daemon
 from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError
 from runtime.web.config import WebConfig
@@ -162,11 +163,9 @@ class Feed:
 
     def start(self) -> Feed:
         self._camera.start()
-        for target, name in ((self._predictions, "web-predictions"), (self._camera_loop, "web-camera"),
-                             (self._status_loop, "web-status")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._threads += [start_daemon(self._predictions, "web-predictions"),
+                          start_daemon(self._camera_loop, "web-camera"),
+                          start_daemon(self._status_loop, "web-status")]
         return self
 
     def stop(self) -> None:

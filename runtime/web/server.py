@@ -31,12 +31,12 @@ import sys
 import threading
 from typing import Any
 
+from common.config import ConfigError, format_config
 from runtime.config import load_section
 from runtime.errors import KeyFileError
 from runtime.web import tokens as tok
 from runtime.web.config import WebConfig
 from runtime.web.feed import Feed, Hub
-from sensors.config import ConfigError, format_config
 from sensors.errors import CurveKeyError
 
 log = logging.getLogger("continua.web")

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sensors.atomic import atomic_write
+from common.atomic import atomic_write
 
 COOKIE = "continua_token"
 ROLES = ("operator", "viewer")

@@ -28,7 +28,7 @@ from sensors.wire import Message
 log = logging.getLogger(__name__)
 
 DRIVERS: dict[str, type[SensorDriver]] = {}
-"""name -> driver class, filled once at import time by ``@register_driver``."""
+"""name -> driver class, filled once at import time by each driver's class line (``register_driver``)."""
 
 D = TypeVar("D", bound="type[SensorDriver]")
 
@@ -68,12 +68,24 @@ def missing_library(
 
 
 class SensorDriver(ABC):
-    """A sensor that produces wire messages. Subclasses set ``config_cls`` and ``default_topic``
-    and implement ``_connect``, ``_read`` and ``_disconnect``."""
+    """A sensor that produces wire messages. A subclass names itself and its config in its class
+    line, ``class CameraDriver(SensorDriver, name="camera", config=CameraConfig)``, and
+    implements ``_connect``, ``_read`` and ``_disconnect``."""
 
     name: ClassVar[str] = ""
     default_topic: ClassVar[str] = ""
     config_cls: ClassVar[type]
+
+    def __init_subclass__(cls, *, name: str = "", config: type | None = None, topic: str = "",
+                          **kwargs: Any) -> None:
+        """One place for what every driver declares: its config class, its default topic (its
+        name unless ``topic``) and its registration under ``name`` (``register_driver``)."""
+        super().__init_subclass__(**kwargs)
+        if config is not None:
+            cls.config_cls = config
+        if name:
+            cls.default_topic = topic or name
+            register_driver(name)(cls)
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.drivers.base import SensorDriver, missing_library, register_driver
+from sensors.drivers.base import SensorDriver, missing_library
 from sensors.errors import DeviceNotAvailableError
 from sensors.wire import Image
 
@@ -75,12 +75,8 @@ def bgr_to_message(frame: np.ndarray, frame_id: str, stamp_ns: int) -> Image:
     return Image(data=rgb, encoding="rgb8", frame_id=frame_id, stamp_ns=stamp_ns)
 
 
-@register_driver("camera")
-class CameraDriver(SensorDriver):
+class CameraDriver(SensorDriver, name="camera", config=CameraConfig):
     """Reads frames with ``cv2.VideoCapture``; see ``CameraConfig`` for the source forms."""
-
-    default_topic = "camera"
-    config_cls = CameraConfig
 
     def __init__(self, config: CameraConfig | None = None) -> None:
         super().__init__(config)

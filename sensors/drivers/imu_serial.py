@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.drivers.base import SensorDriver, missing_library, register_driver
+from sensors.drivers.base import SensorDriver, missing_library
 from sensors.errors import DeviceNotAvailableError
 from sensors.wire import NO_COVARIANCE, Imu
 
@@ -120,12 +120,8 @@ def parse_line(raw: bytes, now_ns: int) -> tuple[int, np.ndarray] | None:
     return (stamp if stamp else now_ns), row
 
 
-@register_driver("imu")
-class ImuSerialDriver(SensorDriver):
+class ImuSerialDriver(SensorDriver, name="imu", config=ImuSerialConfig):
     """Reads ``stamp_ns,ax,ay,az,gx,gy,gz[,qx,qy,qz,qw]`` lines and yields Imu batches."""
-
-    default_topic = "imu"
-    config_cls = ImuSerialConfig
 
     def __init__(self, config: ImuSerialConfig | None = None) -> None:
         super().__init__(config)

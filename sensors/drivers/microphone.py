@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.drivers.base import SensorDriver, missing_library, register_driver
+from sensors.drivers.base import SensorDriver, missing_library
 from sensors.errors import DeviceNotAvailableError
 from sensors.wire import Audio
 
@@ -56,12 +56,8 @@ class MicrophoneConfig:
         return self.sample_rate * self.chunk_ms // 1000
 
 
-@register_driver("mic")
-class MicrophoneDriver(SensorDriver):
+class MicrophoneDriver(SensorDriver, name="mic", config=MicrophoneConfig):
     """Captures interleaved int16 PCM with ``sounddevice.InputStream``."""
-
-    default_topic = "mic"
-    config_cls = MicrophoneConfig
 
     def __init__(self, config: MicrophoneConfig | None = None) -> None:
         super().__init__(config)

@@ -26,7 +26,7 @@ def models_dir() -> Path:
 
 def _store(name: str) -> dict | None:
     try:
-        from sensors.datasets.store import load
+        from demodata.store import load
     except ImportError:
         return None
     try:

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import free_ports
+from demodata.publish import DatasetStreamer, StreamerConfig
 from runtime import keys
 from runtime.agent import Agent, ServeConfig
 from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
-from sensors.datasets.publish import DatasetStreamer, StreamerConfig
 from training.config import LearnerConfig
 
 

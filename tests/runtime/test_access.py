@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from runtime import keys
 from runtime.access import VIEWER_COMMANDS, AccessList, bind, forbidden, is_loopback, recording_path
-from runtime.control import parse_source
+from runtime.commands import parse_source
 from runtime.errors import EndpointError
 
 

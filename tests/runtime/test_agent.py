@@ -134,13 +134,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _agent_toml(root: Path, *, control: dict | None = None, agent: dict | None = None,
-                intake: dict | None = None) -> tuple[Path, dict]:
+                intake: dict | None = None, learner: dict | None = None) -> tuple[Path, dict]:
     sensors, pred, ctl = free_ports(3)
     tables = {"agent": {"sensors": [f"tcp://127.0.0.1:{sensors}"], "predictions": f"tcp://127.0.0.1:{pred}",
                         "backend": "onnxruntime", "model_dir": REPO / "models", "checkpoint_dir": root / "state",
                         "recordings_dir": root / "recordings", **(agent or {})},
               "control": {"endpoint": f"tcp://127.0.0.1:{ctl}", "keys_dir": root / "keys", **(control or {})},
-              **({"intake": intake} if intake else {})}
+              **({"intake": intake} if intake else {}), **({"learner": learner} if learner else {})}
     return write_toml(root / "agent.toml", tables), {"pred": pred, "control": ctl}
 
 
@@ -173,6 +173,8 @@ def test_startup_missing_or_unprotected_server_key(tmp_path: Path) -> None:
     ({"agent": {"sensorz": ["tcp://127.0.0.1:1"]}}, "unknown config key(s) ['sensorz']"),
     ({"control": {"insecure": True}}, "'insecure' is now a command-line flag only"),
     ({"agent": {"keep_checkpoints": 1}}, "keep_checkpoints=1 must be >= 2"),
+    ({"learner": {"strategy": "nope"}}, "unknown strategy 'nope'"),
+    ({"learner": {"epochs": 3}}, "[learner] epochs moved to [learner.training] epochs"),
 ])
 def test_startup_bad_config(tmp_path: Path, tables: dict, needle: str) -> None:
     cfg, _ = _agent_toml(tmp_path, **tables)

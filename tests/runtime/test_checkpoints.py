@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from runtime.checkpoints import CheckpointStore
 from runtime.errors import CheckpointWriteError, NoCheckpointError
+from tests.conftest import assert_each_byte_flip_refused
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -313,16 +314,7 @@ def test_every_byte_of_a_checkpoint_manifest_is_covered(two_checkpoints) -> None
     from runtime.statefiles import StateFiles
 
     path = two_checkpoints / "ckpt-000002" / "manifest.json"
-    original = path.read_bytes()
-    try:
-        for at in range(len(original)):
-            data = bytearray(original)
-            data[at] ^= 0x01
-            path.write_bytes(bytes(data))
-            with pytest.raises(ValueError):
-                StateFiles.read_dir(path.parent)
-    finally:
-        path.write_bytes(original)
+    assert_each_byte_flip_refused(path, lambda: StateFiles.read_dir(path.parent), ValueError)
     assert StateFiles.read_dir(path.parent).meta["version"] == 2
 
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from runtime import console, keys
+from runtime.commands import COMMANDS, parse_source
 from runtime.config import ControlConfig
 from runtime.console import ControlClient
-from runtime.control import COMMANDS, ControlServer, JobHandle, JobTracker, parse_source
+from runtime.control import ControlServer
 from runtime.errors import CommandError
+from runtime.jobs import JobHandle, JobTracker
 
 
 class FakeAgent:

@@ -14,10 +14,12 @@ import pytest
 import zmq
 
 from runtime import keys
+from runtime.commands import COMMANDS, Arg, validate_args
 from runtime.config import ControlConfig
 from runtime.console import ControlClient
-from runtime.control import COMMANDS, Arg, ControlServer, JobHandle, JobTracker, validate_args
+from runtime.control import ControlServer
 from runtime.errors import CommandError, ControlTimeoutError, EndpointError, KeyFileError, RemoteError
+from runtime.jobs import JobHandle, JobTracker
 
 EP = "tcp://127.0.0.1:*"
 

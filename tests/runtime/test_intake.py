@@ -4,10 +4,11 @@ flood of big frames, and publishers written from the header fields alone (no ``s
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +21,7 @@ from PIL import Image as PILImage
 from runtime.intake import IntakeConfig, SensorIntake
 from sensors.transport import Publisher
 from sensors.wire import Audio, Image, Imu
+from tests.conftest import wait_for as _wait_for
 
 TIMEOUT_S = 10.0
 
@@ -33,14 +35,7 @@ def running(cfg: IntakeConfig, ctx: zmq.Context, **streams: Any) -> Iterator[Sen
         intake.stop()
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+wait_for = functools.partial(_wait_for, timeout_s=TIMEOUT_S)
 
 
 def gradient(h: int, w: int) -> np.ndarray:

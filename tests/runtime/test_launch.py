@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from common.config import ConfigError, load_config
+from demodata.publish import StreamerConfig
 from runtime.agent import ServeConfig
 from runtime.config import AgentConfig, ControlConfig
 from runtime.demo import DemoConfig
 from runtime.launch import LaunchConfig, Launcher, ProcessSpec, load_launch
-from sensors.config import ConfigError, load_config
-from sensors.datasets.publish import StreamerConfig
 from training.learner import LearnerConfig
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
@@ -30,7 +30,7 @@ def test_launch_files_load_every_section(name: str) -> None:
     if name == "web-demo.toml":  # runs until Ctrl-C: nothing is required
         cfg, procs = load_launch(path)
         assert [(p.name, p.module, p.required) for p in procs] == [
-            ("publishers", "sensors.datasets.publish", False), ("agent", "runtime.agent", False),
+            ("publishers", "demodata.publish", False), ("agent", "runtime.agent", False),
             ("web", "runtime.web", False)]
         assert "--foxglove" in procs[2].args and cfg.timeout_s == 0
         assert load_config(StreamerConfig, path, "publishers").endpoint == agent.sensors[0]
@@ -55,7 +55,7 @@ def test_bad_launch_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_required_process_ends_the_launch_and_the_rest_is_stopped(tmp_path: Path) -> None:
-    long = ProcessSpec(name="publishers", module="sensors.datasets.publish",
+    long = ProcessSpec(name="publishers", module="demodata.publish",
                        args=["--endpoint", "tcp://127.0.0.1:0", "--seconds", "60"])
     short = ProcessSpec(name="keys", module="runtime.keys", args=["list", "--dir", str(tmp_path)], required=True,
                         delay_s=0.5)

@@ -21,6 +21,7 @@ from runtime.config import AgentConfig, ControlConfig
 from runtime.console import ControlClient
 from tests.runtime.inprocess import agent_system
 from training.buffer import ReplayBuffer
+from training.config import StrategyConfig
 from training.learner import LearnerConfig
 
 TASK0 = ["t-shirt", "trouser"]
@@ -54,7 +55,8 @@ def _committed(state: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     with agent_system(tmp_path_factory.mktemp("learning"), classes=[0, 1, 2, 3],
-                      serve=ServeConfig(dataset_per_class=40, eval_per_class=20), learner=LearnerConfig(epochs=6)) as sys_:
+                      serve=ServeConfig(dataset_per_class=40, eval_per_class=20),
+                      learner=LearnerConfig(training=StrategyConfig(epochs=6))) as sys_:
         snap = _wait(sys_["client"], sys_["client"].request("learn-new-task", {"name": "task0", "labels": TASK0,
                                                                                "source": "dataset:train"})["job"])
         assert snap["state"] == "done" and snap["result"]["accepted"], snap

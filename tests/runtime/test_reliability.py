@@ -33,17 +33,12 @@ from benchmarks.reliability import (
 )
 from runtime import keys
 from runtime.keys import client_keys, server_public_key
+from tests.conftest import wait_for
 from tests.runtime.conftest import agent_setup
 
 
 def _wait(pred, timeout_s: float, what: str, every: float = 0.05):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    return wait_for(pred, what, timeout_s, poll_s=every)
 
 
 def _same_committed(a, b) -> list[str]:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.serving_model import ServingModel
+from training.config import ModelConfig, StrategyConfig
 from training.learner import LabelledSamples, Learner, LearnerConfig
 from training.onnx_export import export_predictor
 
@@ -36,8 +37,9 @@ def trained() -> tuple[Learner, bytes]:
     y = rng.choice(len(NAMES), 60)
     taps = {m: [centers[m][b][y] + 0.5 * rng.normal(size=(60, d)).astype(np.float32) for b, d in enumerate(ds)]
             for m, ds in DIMS.items()}
-    learner = Learner(DIMS, LearnerConfig(strategy="ours", epochs=2, batch_size=16, replay_batch=16, d=8, proj_dim=8,
-                                          n_experts=4, bottleneck=4, buffer_size=64, max_seconds=0.0))
+    learner = Learner(DIMS, LearnerConfig(
+        strategy="ours", model=ModelConfig(d=8, proj_dim=8, n_experts=4, bottleneck=4),
+        training=StrategyConfig(epochs=2, batch_size=16, replay_batch=16, buffer_size=64, max_seconds=0.0)))
     learner.learn_task(LabelledSamples(taps=taps, present=np.ones((60, 3), bool), names=[NAMES[i] for i in y]))
     return learner, export_predictor(learner)
 

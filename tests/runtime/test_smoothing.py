@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.smoothing import UNKNOWN, Smoothed, Smoother
+from tests.conftest import assert_imports_without_torch
 
-REPO = Path(__file__).resolve().parents[2]
 MS = 1_000_000
 
 
@@ -164,9 +160,4 @@ def test_matches_a_direct_computation(events: list[tuple[int, int, bool]], windo
 
 
 def test_imports_no_torch() -> None:
-    code = ("import sys, runtime.smoothing; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
-            "assert not bad, bad; print('ok')")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert_imports_without_torch("runtime.smoothing")

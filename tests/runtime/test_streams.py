@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from export.backends import load_backend
 from export.incremental import IncrementalAudioExtractor
 from runtime.streams import AudioTapStream, ImuTapStream, StreamTaps
 from sensors.wire import Audio, Imu
+from tests.conftest import wait_for as _wait_for
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 RATE = 16000
@@ -23,16 +25,7 @@ T0 = 1_700_000_000_000_000_000
 TIMEOUT_S = 20.0  # bounded waits: generous for a shared 2-core machine
 
 
-def wait_for(pred: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S, *,
-             state: Callable[[], Any] | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.005)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}"
-                         + ("" if state is None else f"; now: {state()}"))
+wait_for = functools.partial(_wait_for, timeout_s=TIMEOUT_S, poll_s=0.005)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -40,7 +33,7 @@ def wait_for(pred: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S, *
 def speech() -> np.ndarray:
     """(N, 16000) int16 real speech clips, else a synthesized tone sweep."""
     try:
-        from sensors.datasets.store import load
+        from demodata.store import load
 
         return np.ascontiguousarray(load("speech")["audio"][:12])
     except Exception:  # not prepared here: a 1 s chirp with a syllable-like envelope per clip
@@ -264,7 +257,7 @@ def test_the_full_audio_queue_drops_the_oldest(speech: np.ndarray) -> None:
 def motion() -> np.ndarray:
     """(6, 300) float32: three BasicMotions windows back to back (acc xyz, gyro xyz), else a synthetic one."""
     try:
-        from sensors.datasets.store import load
+        from demodata.store import load
 
         x = load("basic_motions")["x_test"][[0, 10, 20]].astype(np.float32)
         return np.ascontiguousarray(np.concatenate(list(x), axis=1))

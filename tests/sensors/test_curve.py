@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import zmq
 
+from common.config import load_config
 from runtime.intake import IntakeConfig, SensorIntake
-from sensors.config import load_config
 from sensors.curve import CurveClient, CurveServer, create_keys, main, public_key
 from sensors.errors import CurveKeyError
 from sensors.publish import PublishConfig

@@ -30,6 +30,7 @@ from sensors.errors import DeviceNotAvailableError
 from sensors.transport import LosslessReader
 from sensors.wire import NO_COVARIANCE, Imu
 from tests.fakes import fifo_writer, imu_lines, imu_samples, synthetic_frame, write_lines, write_video
+from tests.sensors.streams import recv_n
 
 
 def _free_port() -> int:
@@ -252,12 +253,7 @@ def test_publish_cli_streams_an_imu_file_to_a_real_subscriber(
     with LosslessReader(endpoint, ["imu0"]) as reader:
         t = threading.Thread(target=lambda: rc.append(main(argv)))
         t.start()
-        got = []
-        deadline = time.monotonic() + 10
-        while len(got) < 5 and time.monotonic() < deadline:
-            item = reader.recv(timeout_ms=200)
-            if item is not None:
-                got.append(item)
+        got = recv_n(reader, 5)
         t.join(timeout=10)
     assert rc == [0]
     assert [m.seq for _, m, _ in got] == [0, 1, 2, 3, 4]

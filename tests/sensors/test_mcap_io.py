@@ -17,13 +17,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mcap.reader import make_reader
+from mcap.records import Schema
 from mcap.writer import Writer
+from mcap_ros2.decoder import DecoderFactory
+from mcap_ros2.writer import Writer as Ros2Writer
 
 from sensors.errors import WireError
-from sensors.mcap_io import SCHEMAS, CdrReader, McapReader, Player, Recorder, jpeg_size, read_messages, to_cdr
+from sensors.jpeg import jpeg_size
+from sensors.mcap_io import McapReader, Player, Recorder, read_messages
+from sensors.ros2_messages import SCHEMAS, CdrDecoder, to_cdr
 from sensors.transport import LosslessReader, Publisher
 from sensors.wire import Audio, Image, Imu, Message
 from tests.fakes import synthetic_frame
+from tests.sensors.streams import imu_batches, recv_n
 
 MAX_STAMP = 2**31 * 1_000_000_000 - 1
 
@@ -89,11 +95,14 @@ def test_imu_cdr_aligns_doubles_to_8_relative_to_the_payload() -> None:
     assert body[13:16] == (4, 5, 6) and body[25:28] == (7, 8, 9)
 
 
-def test_cdr_reader_rejects_big_endian_and_truncation() -> None:
+def test_cdr_decoder_rejects_big_endian_and_truncation() -> None:
+    schema = Schema(id=1, name="sensor_msgs/msg/Image", encoding="ros2msg", data=SCHEMAS["sensor_msgs/msg/Image"].encode())
+    ((_, data, _),) = to_cdr(Image(data=np.ones((2, 2, 3), np.uint8), stamp_ns=3))
+    decoder = CdrDecoder()
     with pytest.raises(WireError, match="little-endian"):
-        CdrReader(b"\x00\x00\x00\x00\x01\x00\x00\x00")
+        decoder.decode(schema, "cdr", b"\x00\x00" + data[2:])
     with pytest.raises(WireError, match="truncated"):
-        CdrReader(b"\x00\x01\x00\x00\x01\x00").u32()
+        decoder.decode(schema, "cdr", data[:-1])  # the pixels' length prefix says one byte more
 
 
 def test_schemas_are_complete_ros2msg_definitions() -> None:
@@ -142,22 +151,14 @@ def audios(draw: st.DrawFn) -> Audio:
     )
 
 
-@st.composite
-def imus(draw: st.DrawFn) -> Imu:
-    n = draw(st.integers(1, 5))
+def imus() -> st.SearchStrategy[Imu]:
     floats = st.floats(allow_nan=False, allow_infinity=False)
-    values = np.array(draw(st.lists(floats, min_size=10 * n, max_size=10 * n)), dtype=np.float64).reshape(
-        n, 10
-    )
-    stamps = np.array(draw(st.lists(st.integers(0, MAX_STAMP), min_size=n, max_size=n)), dtype=np.int64)
-    cov = st.tuples(*[floats] * 9)
-    return Imu(
-        stamps_ns=stamps,
-        values=values,
-        orientation_covariance=draw(cov),
-        angular_velocity_covariance=draw(cov),
-        linear_acceleration_covariance=draw(cov),
-        **{k: draw(v) for k, v in common.items()},
+    return imu_batches(
+        max_n=5,
+        stamps=st.integers(0, MAX_STAMP),
+        values=floats,
+        covariances=st.tuples(*[floats] * 9),
+        common=lambda draw: {k: draw(v) for k, v in common.items()},
     )
 
 
@@ -244,6 +245,91 @@ def test_unknown_schemas_are_skipped_and_counted(tmp_path: Path) -> None:
     assert dict(reader.skipped) == {"schema": 1, "cdr": 1}
 
 
+# --------------------------------------------------------------------------- interoperability
+# A definition as rosbag2 stores it: the .msg files' comments and blank lines kept.
+ROSBAG2_IMAGE_SCHEMA = (
+    "# This message contains an uncompressed image\n# (0, 0) is at top-left corner of image\n\n"
+    "std_msgs/Header header # Header timestamp should be acquisition time of image\n\n"
+    "uint32 height                # image height, that is, number of rows\nuint32 width\n\n"
+    "string encoding       # Encoding of pixels -- channel meaning, ordering, size\n\n"
+    "uint8 is_bigendian    # is this data bigendian?\nuint32 step           # Full row length in bytes\n"
+    "uint8[] data          # actual matrix data, size is (step * rows)\n\n"
+    + "=" * 80 + "\nMSG: std_msgs/Header\n# Standard metadata for higher-level stamped data types.\n\n"
+    "builtin_interfaces/Time stamp\n\n# Transform frame with which this data is associated.\nstring frame_id\n\n"
+    + "=" * 80 + "\nMSG: builtin_interfaces/Time\n# This message communicates ROS Time.\n\n"
+    "# The seconds component, valid over all int32 values.\nint32 sec\n\n"
+    "# The nanoseconds component, valid in the range [0, 10e9).\nuint32 nanosec\n"
+)
+
+
+def test_file_written_by_mcap_ros2_writer_with_rosbag2_schema_text_reads_back(tmp_path: Path) -> None:
+    frame = synthetic_frame(3, 5, 2)
+    path = tmp_path / "ros2.mcap"
+    with path.open("wb") as f:
+        w = Ros2Writer(f)
+        schema = w.register_msgdef("sensor_msgs/msg/Image", ROSBAG2_IMAGE_SCHEMA)
+        imu_schema = w.register_msgdef("sensor_msgs/msg/Imu", SCHEMAS["sensor_msgs/msg/Imu"])
+        header = {"stamp": {"sec": 7, "nanosec": 8}, "frame_id": "cam_optical"}
+        image = {"header": header, "height": 3, "width": 5, "encoding": "rgb8", "step": 15, "data": frame.tobytes()}
+        w.write_message("/camera/image_raw", schema, image, log_time=7_000_000_008, sequence=4)
+        imu = {"header": header, "orientation": {"w": 1.0}, "linear_acceleration": {"z": 9.81}}
+        w.write_message("/imu", imu_schema, imu, log_time=7_000_000_008, publish_time=7_000_000_008)
+        w.finish()
+    (t0, img), (t1, batch) = read_messages(path)
+    assert (t0, t1) == ("/camera/image_raw", "/imu")
+    assert isinstance(img, Image) and isinstance(batch, Imu)
+    assert (img.stamp_ns, img.seq, img.frame_id, img.encoding) == (7_000_000_008, 4, "cam_optical", "rgb8")
+    assert np.array_equal(img.data, frame)
+    assert batch.stamps_ns.tolist() == [7_000_000_008] and batch.stamp_ns == 7_000_000_008
+    np.testing.assert_array_equal(batch.values, [[0, 0, 0, 1, 0, 0, 0, 0, 0, 9.81]])
+    assert batch.orientation_covariance == (0.0,) * 9
+
+
+def test_ros2_trailing_padding_is_read_and_truncated_payloads_are_skipped(tmp_path: Path) -> None:
+    ok, jpg = cv2.imencode(".jpg", synthetic_frame(16, 24, 0))
+    assert ok
+    ((_, data, _),) = to_cdr(Image(data=jpg.ravel(), encoding="jpeg", height=16, width=24, stamp_ns=11))
+    path = tmp_path / "padded.mcap"
+    with path.open("wb") as f:
+        w = Writer(f)
+        w.start(profile="ros2")
+        sid = w.register_schema(
+            "sensor_msgs/msg/CompressedImage", "ros2msg", SCHEMAS["sensor_msgs/msg/CompressedImage"].encode()
+        )
+        ch = w.register_channel(topic="camera", message_encoding="cdr", schema_id=sid)
+        w.add_message(ch, log_time=11, data=data + b"\x00" * (-len(data) % 4 or 4), publish_time=11)
+        w.add_message(ch, log_time=12, data=data[:-10], publish_time=12)  # the JPEG cut short
+        w.finish()
+    reader = McapReader(path)
+    ((topic, back),) = list(reader)
+    assert topic == "camera" and (back.height, back.width, back.stamp_ns) == (16, 24, 11)
+    assert back.data.tobytes() == jpg.tobytes()
+    assert dict(reader.skipped) == {"cdr": 1}
+
+
+def test_our_files_decode_with_mcap_ros2_decoder_factory(tmp_path: Path) -> None:
+    ok, jpg = cv2.imencode(".jpg", synthetic_frame(8, 8, 0))
+    assert ok
+    frame = synthetic_frame(2, 3, 1)
+    with Recorder(tmp_path / "ours.mcap") as rec:
+        rec.write("camera", Image(data=frame, stamp_ns=1_500_000_001, frame_id="cam"))
+        rec.write("jpeg", Image(data=jpg.ravel(), encoding="jpeg", height=8, width=8, stamp_ns=2))
+        rec.write("mic", Audio(data=np.arange(6, dtype=np.int16).reshape(3, 2), sample_rate=8000, stamp_ns=3))
+        rec.write("imu", Imu(stamps_ns=np.array([4]), values=np.arange(10.0)[None, :], stamp_ns=4))
+    with (tmp_path / "ours.mcap").open("rb") as f:
+        got = {c.topic: m for _, c, _, m in make_reader(f, decoder_factories=[DecoderFactory()]).iter_decoded_messages()}
+    cam = got["camera"]
+    assert (cam.header.stamp.sec, cam.header.stamp.nanosec, cam.header.frame_id) == (1, 500_000_001, "cam")
+    assert (cam.height, cam.width, cam.encoding, cam.step, cam.data) == (2, 3, "rgb8", 9, frame.tobytes())
+    assert (got["jpeg"].format, got["jpeg"].data) == ("jpeg", jpg.tobytes())
+    mic = got["mic"]
+    assert (mic.sample_rate, mic.channels, mic.format) == (8000, 2, "s16le")
+    assert mic.data == np.arange(6, dtype="<i2").tobytes()
+    imu = got["imu"]
+    assert (imu.orientation.x, imu.orientation.w, imu.angular_velocity.x, imu.linear_acceleration.z) == (0, 3, 4, 9)
+    assert imu.orientation_covariance == [-1.0] + [0.0] * 8
+
+
 # --------------------------------------------------------------------------- player
 def _timed_recording(path: Path) -> list[Imu | Image]:
     base = 1_700_000_000_000_000_000
@@ -323,12 +409,7 @@ def test_record_and_play_clis_over_real_sockets(tmp_path: Path, capsys: pytest.C
         argv = [str(out), "--endpoint", endpoint, "--fast", "--topic", "camera", "--wait-subscribers", "1"]
         t = threading.Thread(target=lambda: rc.append(play_main([*argv, "--log-level", "WARNING"])))
         t.start()
-        got = []
-        deadline = time.monotonic() + 10
-        while len(got) < 10 and time.monotonic() < deadline:
-            item = reader.recv(timeout_ms=200)
-            if item is not None:
-                got.append(item[1])
+        got = [m for _, m, _ in recv_n(reader, 10)]
         t.join(timeout=10)
     assert rc == [0, 0]
     assert [m.seq for m in got] == list(range(10))

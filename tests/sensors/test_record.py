@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sensors.datasets.publish import DatasetStreamer, StreamerConfig
+from demodata.publish import DatasetStreamer, StreamerConfig
 from sensors.inspect import InspectConfig, inspect
 from sensors.mcap_io import read_messages
 from sensors.record import RecordConfig, record

@@ -27,6 +27,7 @@ from sensors.wire import (
     decode,
     encode,
 )
+from tests.sensors.streams import imu_batches
 
 # Fewest inputs each example of a fuzz test tries (see the tests); a test checks that it tried at
 # least this many per example for half the profile's max_examples (hypothesis may stop early).
@@ -72,18 +73,9 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 covariances = st.one_of(st.just(NO_COVARIANCE), st.tuples(*[finite] * 9))
 
 
-@st.composite
-def imus(draw: st.DrawFn) -> Imu:
-    n = draw(st.integers(1, 20))
-    stamps = np.array(draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n)), np.int64)
-    values = np.array(draw(st.lists(finite, min_size=10 * n, max_size=10 * n)), np.float64).reshape(n, 10)
-    return Imu(
-        stamps_ns=stamps,
-        values=values,
-        orientation_covariance=draw(covariances),
-        angular_velocity_covariance=draw(covariances),
-        linear_acceleration_covariance=draw(covariances),
-        **_common(draw),
+def imus() -> st.SearchStrategy[Imu]:
+    return imu_batches(
+        max_n=20, stamps=st.integers(-(2**63), 2**63 - 1), values=finite, covariances=covariances, common=_common
     )
 
 

@@ -3,43 +3,24 @@ ablation switches, cancel/deadline, and state round trips."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import LEARNER_DIMS as DIMS
+from tests.conftest import LEARNER_NAMES as NAMES
+from tests.conftest import learner_samples as _samples
+from tests.conftest import small_learner_config
 from training import registry
 from training.errors import TrainingCancelled
-from training.learner import LabelledSamples, Learner, LearnerConfig
+from training.learner import Learner
 from training.moe import moe_modules
 from training.taskdata import TaskData
 
-DIMS = {"image": [12, 20], "audio": [10], "imu": [8]}
-NAMES = ["cup", "ball", "box", "pen"]
-
-
-def _protos(seed: int = 0) -> dict[str, list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return {m: [rng.normal(size=(len(NAMES), d)).astype(np.float32) for d in ds] for m, ds in DIMS.items()}
-
-
-PROTOS = _protos()
-
-
-def _samples(classes: list[int], n: int, seed: int) -> LabelledSamples:
-    rng = np.random.default_rng(seed)
-    y = rng.choice(classes, n)
-    taps = {m: [PROTOS[m][b][y] + 0.5 * rng.normal(size=(n, d)).astype(np.float32) for b, d in enumerate(ds)]
-            for m, ds in DIMS.items()}
-    return LabelledSamples(taps=taps, present=np.ones((n, 3), bool), names=[NAMES[i] for i in y])
-
-
-def _config(**kw) -> LearnerConfig:
-    base = dict(epochs=4, batch_size=32, replay_batch=32, d=16, bottleneck=8, proj_dim=16, n_experts=6,
-                max_seconds=0.0, threads=1, buffer_size=200)
-    base.update(kw)
-    return LearnerConfig(**base)
+_config = functools.partial(small_learner_config, epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ RNG states restored, and SIGKILL at each named fault point of a save (real proce
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,32 +16,17 @@ import pytest
 import torch
 
 from sensors.durable import BUFFER_POINTS, FAULT_ENV, LEARNER_POINTS, SEAL_KEY, seal
+from tests.conftest import LEARNER_DIMS as DIMS
+from tests.conftest import assert_each_byte_flip_refused, small_learner_config
+from tests.conftest import learner_samples as _samples
 from training import learner_state
 from training.buffer import MANIFEST as BUFFER_MANIFEST
 from training.buffer import ReplayBuffer
 from training.errors import BufferCorruptError, LearnerStateError
-from training.learner import LabelledSamples, Learner, LearnerConfig
+from training.learner import Learner
 
 REPO = Path(__file__).resolve().parents[2]
-DIMS = {"image": [12, 20], "audio": [10], "imu": [8]}
-NAMES = ["cup", "ball", "box", "pen"]
-
-
-def _samples(classes: list[int], n: int, seed: int) -> LabelledSamples:
-    protos = np.random.default_rng(0)
-    protos = {m: [protos.normal(size=(len(NAMES), d)).astype(np.float32) for d in ds] for m, ds in DIMS.items()}
-    rng = np.random.default_rng(seed)
-    y = rng.choice(classes, n)
-    taps = {m: [protos[m][b][y] + 0.5 * rng.normal(size=(n, d)).astype(np.float32) for b, d in enumerate(ds)]
-            for m, ds in DIMS.items()}
-    return LabelledSamples(taps=taps, present=np.ones((n, 3), bool), names=[NAMES[i] for i in y])
-
-
-def _config(**kw) -> LearnerConfig:
-    base = dict(epochs=2, batch_size=32, replay_batch=32, d=16, bottleneck=8, proj_dim=16, n_experts=6,
-                max_seconds=0.0, threads=1, buffer_size=200)
-    base.update(kw)
-    return LearnerConfig(**base)
+_config = functools.partial(small_learner_config, epochs=2)
 
 
 PROBE = _samples([0, 1, 2, 3], 24, 99)
@@ -221,17 +207,8 @@ def test_every_byte_of_a_learner_manifest_is_covered(saved_pair) -> None:
     name or digest is ever believed)."""
     d, _, _ = saved_pair
     path = d / "gen-000002" / "manifest.json"
-    original = path.read_bytes()
-    assert SEAL_KEY in json.loads(original)
-    try:
-        for at in range(len(original)):
-            b = bytearray(original)
-            b[at] ^= 0x01
-            path.write_bytes(bytes(b))
-            with pytest.raises(ValueError):
-                learner_state.read_generation(path.parent)
-    finally:
-        path.write_bytes(original)
+    assert SEAL_KEY in json.loads(path.read_bytes())
+    assert_each_byte_flip_refused(path, lambda: learner_state.read_generation(path.parent), ValueError)
 
 
 def test_rng_states_restored_so_training_continues_identically(tmp_path) -> None:
@@ -265,16 +242,7 @@ def test_every_byte_of_a_buffer_manifest_is_covered(tmp_path) -> None:
         buf.add({"image": [rng.normal(size=8)], "audio": [rng.normal(size=4)]}, np.array([1, 1]), i % 3, 0, i)
     buf.save(tmp_path)
     path = tmp_path / BUFFER_MANIFEST
-    original = path.read_bytes()
-    try:
-        for at in range(len(original)):
-            b = bytearray(original)
-            b[at] ^= 0x01
-            path.write_bytes(bytes(b))
-            with pytest.raises(BufferCorruptError):
-                ReplayBuffer.load(tmp_path)
-    finally:
-        path.write_bytes(original)
+    assert_each_byte_flip_refused(path, lambda: ReplayBuffer.load(tmp_path), BufferCorruptError)
     back = ReplayBuffer.load(tmp_path)
     assert np.array_equal(back.all().stamps, buf.all().stamps)
     np.testing.assert_array_equal(back._rng.random(3), buf._rng.random(3))  # the reservoir's generator too

@@ -45,12 +45,17 @@ def test_distillation_zero_when_equal_and_descends() -> None:
     assert float(distillation(old[:, :0], new)) == 0.0
 
 
-def test_alignment_gradient_moves_projection_toward_joint() -> None:
+def _alignment_setup() -> tuple[nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded projection, (32, 3, 8) per-modality inputs, (32, 6) joint targets, all present."""
     torch.manual_seed(0)
     proj = nn.Linear(8, 6)
     x = torch.randn(32, 3, 8, generator=_gen())
     z_joint = torch.randn(32, 6, generator=_gen(1))
-    present = torch.ones(32, 3, dtype=torch.bool)
+    return proj, x, z_joint, torch.ones(32, 3, dtype=torch.bool)
+
+
+def test_alignment_gradient_moves_projection_toward_joint() -> None:
+    proj, x, z_joint, present = _alignment_setup()
     present[::3, 2] = False
     before, after = _descend(lambda: alignment(proj(x), z_joint, present), list(proj.parameters()), steps=50, lr=1.0)
     assert before > 0.5 and after < 0.8 * before
@@ -64,11 +69,7 @@ def test_alignment_gradient_moves_projection_toward_joint() -> None:
 
 
 def test_alignment_infonce_variant_descends() -> None:
-    torch.manual_seed(0)
-    proj = nn.Linear(8, 6)
-    x = torch.randn(32, 3, 8, generator=_gen())
-    z_joint = torch.randn(32, 6, generator=_gen(1))
-    present = torch.ones(32, 3, dtype=torch.bool)
+    proj, x, z_joint, present = _alignment_setup()
     before, after = _descend(lambda: alignment(proj(x), z_joint, present, tau=0.2), list(proj.parameters()))
     assert after < before
 

@@ -97,13 +97,19 @@ def test_gradients_reach_every_parameter() -> None:
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    ({"tap_dims": {}}, "tap_dims"), ({"tap_dims": {"a": [0]}}, "tap_dims"), ({"adapter": "lora"}, "adapter"),
+    ({"tap_dims": {"a": [0]}}, "tap_dims"), ({"adapter": "lora"}, "adapter"),
     ({"top_k": 11}, "top_k"), ({"modality_dropout": 1.0}, "modality_dropout"), ({"d": 0}, "ModelConfig.d"),
 ])
 def test_config_validation(kw: dict, match: str) -> None:
     args = {"tap_dims": DIMS, **kw}
     with pytest.raises(ValueError, match=match):
         ModelConfig(**args)
+
+
+def test_empty_tap_dims_is_the_config_default_and_refused_by_the_network() -> None:
+    assert ModelConfig().tap_dims == {}  # the [learner.model] tree leaves it to the backbones
+    with pytest.raises(ValueError, match="tap_dims"):
+        SideNetwork(ModelConfig(tap_dims={}))
 
 
 def test_moe_adapter_when_available() -> None:

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training import registry
+from training.config import ModelConfig, StrategyConfig
 from training.learner import LabelledSamples, Learner, LearnerConfig
 from training.onnx_export import (
     OUTPUT_NAME,
@@ -44,10 +45,10 @@ def samples(classes: list[int], n: int, seed: int) -> LabelledSamples:
     return LabelledSamples(taps=taps, present=np.ones((n, len(DIMS)), bool), names=[NAMES[i] for i in y])
 
 
-def config(strategy: str, **kw: object) -> LearnerConfig:
-    base = dict(strategy=strategy, epochs=2, batch_size=16, replay_batch=16, d=8, proj_dim=8, n_experts=4,
-                top_k=2, bottleneck=4, buffer_size=64, max_seconds=0.0, threads=1)
-    return LearnerConfig(**{**base, **kw})
+def config(strategy: str, **training: object) -> LearnerConfig:
+    base = dict(epochs=2, batch_size=16, replay_batch=16, buffer_size=64, max_seconds=0.0, threads=1)
+    return LearnerConfig(strategy=strategy, model=ModelConfig(d=8, proj_dim=8, n_experts=4, top_k=2, bottleneck=4),
+                         training=StrategyConfig(**{**base, **training}))
 
 
 def two_tasks(strategy: str, **kw: object) -> Learner:

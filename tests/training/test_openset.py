@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import assert_imports_without_torch
 from training.buffer import ReplayBuffer
 from training.openset import OpenSet, embed
 
@@ -362,23 +361,25 @@ def test_inputs_are_validated(synthetic: dict) -> None:
 
 
 def test_imports_no_torch() -> None:
-    code = ("import sys, training.openset, training.buffer; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
-            "assert not bad, bad; print('ok')")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert_imports_without_torch("training.openset, training.buffer")
 
 
 # ---- real backbone taps ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def real_images() -> Iterator[dict]:
     """Cached real image taps (Fashion-MNIST), an open set fitted on classes 0-4, and the image backend."""
+    from benchmarks.feature_cache import (
+        MODALITIES,
+        FeatureConfig,
+        cache_key,
+        extract_pools,
+        load_sources,
+        pool_meta,
+    )
+    from demodata.store import data_dir
     from export import load_backend
     from export.backends import load_manifest
     from export.errors import BackendUnavailableError, ModelFileError
-    from sensors.datasets.store import data_dir
-    from training.features import MODALITIES, FeatureConfig, cache_key, extract_pools, load_sources, pool_meta
 
     cfg = FeatureConfig(model_dir=str(MODELS))
     try:
@@ -393,7 +394,7 @@ def real_images() -> Iterator[dict]:
     missing = [n for n in pool_meta(cfg, src) if not (cache / (n.replace("/", "__") + ".npz")).exists()]
     if missing:
         pytest.skip(f"feature cache {cache} lacks {len(missing)} pools (e.g. {missing[0]}); build it with "
-                    "`python -c 'from training.features import extract_pools; extract_pools()'`")
+                    "`python -c 'from benchmarks.feature_cache import extract_pools; extract_pools()'`")
     pools, _ = extract_pools(cfg, progress=False)
     try:
         backend = load_backend("image", "onnxruntime", MODELS, build=False, threads=2)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.feature_cache import N_DOMAINS, FeatureConfig, Pool, corrupt_images, corrupt_imu, pool_meta
+from benchmarks.scenarios import assemble, build_plan, plan_hash, saved_plan
 from training.errors import FeatureDatasetError, ScenarioError
-from training.feature_datasets import load_feature_dataset
-from training.features import N_DOMAINS, FeatureConfig, Pool, corrupt_images, corrupt_imu, pool_meta
-from training.scenarios import assemble, build_plan, plan_hash, saved_plan
+from training.feature_files import load_feature_dataset
 
 
 def fake_pools(n_img: int = 6, n_test: int = 3) -> dict[str, Pool]:
@@ -27,7 +27,7 @@ def fake_pools(n_img: int = 6, n_test: int = 3) -> dict[str, Pool]:
         f"espeak-ng:{a}+{v}" for a in ("en", "en-gb", "en-us") for v in ("m3", "f4")]
     vs = np.repeat(voices, 10)
     ys = np.tile(np.arange(10), len(voices))
-    from sensors.datasets.store import voice_split
+    from demodata.store import voice_split
 
     pools["audio/all-d0"] = Pool(labels=ys, src=np.arange(len(ys)), voice=vs, split=voice_split(vs))
     for name, pool in pools.items():
@@ -141,7 +141,7 @@ def test_image_and_imu_domains_differ_and_are_deterministic() -> None:
 
 def test_pool_meta_on_prepared_data_keeps_voices_apart() -> None:
     try:
-        from training.features import load_sources
+        from benchmarks.feature_cache import load_sources
 
         src = load_sources()
     except FileNotFoundError as exc:

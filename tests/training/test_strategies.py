@@ -43,7 +43,9 @@ def stream(n_tasks: int = 3, n: int = 40, seed: int = 0) -> tuple[list[TaskData]
 def new(name: str, **cfg: object) -> registry.Strategy:
     torch.manual_seed(0)
     model = SideNetwork(ModelConfig(tap_dims=DIMS, d=32, proj_dim=32, fusion_hidden=64))
-    return registry.create(name, model, StrategyConfig(**{"epochs": 6, "batch_size": 16, "replay_batch": 16, **cfg}))
+    # threads 2, no deadline: what these tests ran with before StrategyConfig took the robot's defaults
+    return registry.create(name, model, StrategyConfig(**{"epochs": 6, "batch_size": 16, "replay_batch": 16,
+                                                          "threads": 2, "max_seconds": 0.0, **cfg}))
 
 
 def run(name: str, n_tasks: int = 3, **cfg: object) -> tuple[registry.Strategy, np.ndarray]:
@@ -152,7 +154,8 @@ class RecordingReplay(Replay):
 def test_replay_batches_contain_old_classes_and_reduce_forgetting() -> None:
     torch.manual_seed(0)
     model = SideNetwork(ModelConfig(tap_dims=DIMS, d=32, proj_dim=32, fusion_hidden=64))
-    s = RecordingReplay(model, StrategyConfig(epochs=6, batch_size=16, replay_batch=16, buffer_size=50))
+    s = RecordingReplay(model, StrategyConfig(epochs=6, batch_size=16, replay_batch=16, buffer_size=50, threads=2,
+                                              max_seconds=0.0))
     s.seen_batches = []
     train, test = stream(3)
     s.learn_task(train[0])
@@ -208,7 +211,8 @@ def test_learning_a_task_at_real_tap_sizes_with_a_full_buffer() -> None:
     not asserted here (shared CI machines are too noisy for timed unit tests)."""
     dims = {"image": [40, 112, 192, 1280], "audio": [48, 72, 96, 96], "imu": [168] * 4}
     torch.manual_seed(0)
-    s = registry.create("replay", SideNetwork(ModelConfig(tap_dims=dims)), StrategyConfig(epochs=8))
+    cfg = StrategyConfig(epochs=8, threads=2, max_seconds=0.0)  # the defaults this test was written with
+    s = registry.create("replay", SideNetwork(ModelConfig(tap_dims=dims)), cfg)
     for c in range(4):  # fill the 2,000-sample buffer
         s.buffer.add_batch(**{k: v for k, v in vars(make_task([c], 0, 500, dims=dims)).items()
                               if k in ("taps", "present", "labels")}, task=0)

@@ -1,2 +1,4 @@
-"""Continual-learning strategies, one short file each; see ``base.py`` for the hooks and
+"""Continual-learning strategies, one short file each, found by the registry automatically.
+
+See ``base.py`` for the hooks and
 ``training.registry`` for lookup by name (every module here is discovered automatically)."""

@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,45 +49,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from training.buffer import ReplayBuffer
+from training.config import StrategyConfig  # torch-free: [learner.training]
 from training.errors import TrainingCancelled
 from training.model import ModelOutput, SideNetwork
 from training.taskdata import TaskData
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
-
-
-@dataclass(kw_only=True)
-class StrategyConfig:
-    """Options every strategy shares (defined once, Mammoth style); ``params`` holds the strategy's own."""
-
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    replay_batch: int = 64
-    buffer_size: int = 2000
-    buffer_bytes: int = 32 << 20
-    buffer_dtype: str = "float16"
-    max_seconds: float = 0.0
-    threads: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    params: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "replay_batch"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"StrategyConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "buffer_size", "buffer_bytes", "threads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"StrategyConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"StrategyConfig.lr must be > 0, got {self.lr}")
-        if self.max_seconds < 0:
-            raise ValueError(f"StrategyConfig.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
-        if self.buffer_dtype not in ("float16", "int8"):
-            raise ValueError(f"StrategyConfig.buffer_dtype must be float16 or int8, got {self.buffer_dtype!r}")
 
 
 @dataclass

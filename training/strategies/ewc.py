@@ -1,4 +1,6 @@
-"""Online EWC (Schwarz et al. 2018, "Progress & Compress"): after each task, a diagonal Fisher
+"""Online EWC strategy: a Fisher-weighted penalty that keeps weights important to earlier tasks.
+
+Online EWC (Schwarz et al. 2018, "Progress & Compress"): after each task, a diagonal Fisher
 F <- gamma F + F_task and anchor theta* <- theta; while learning, add
 (lambda / 2) sum_i F_i (theta_i - theta*_i)^2. Parameters that grew (the head) are compared on
 their old rows only; new rows are free.

@@ -1,4 +1,6 @@
-"""Learning without Forgetting (Li & Hoiem 2016): no buffer; on the new task's samples the new
+"""Learning without Forgetting strategy: distils the old model's outputs instead of replaying.
+
+Learning without Forgetting (Li & Hoiem 2016): no buffer; on the new task's samples the new
 model's logits for the old classes are distilled toward the frozen old model's (temperature T)."""
 
 from __future__ import annotations

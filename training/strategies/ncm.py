@@ -1,4 +1,6 @@
-"""Nearest class mean on frozen features: no training at all. Each backbone tap is L2-normalised,
+"""Nearest-class-mean strategy on frozen features: the strong no-training baseline.
+
+Nearest class mean on frozen features: no training at all. Each backbone tap is L2-normalised,
 the taps of all modalities concatenated (absent modality: zeros), and a class's mean is the
 running mean over every sample of it ever seen; prediction is the cosine-nearest mean. It cannot
 forget in class-incremental learning, so it is the strong baseline for pretrained backbones."""

@@ -1,4 +1,6 @@
-"""The method: MoE cross-modality adapters (seed 001) + group-wise online EWC and cross-modal
+"""The project's own continual-learning method, registered as the "ours" strategies.
+
+The method: MoE cross-modality adapters (seed 001) + group-wise online EWC and cross-modal
 consistency (seed 002), on the ladder side network, with replay.
 
 Loss per step (each term switchable, weights in ``defaults``; t = 1-based task index)::

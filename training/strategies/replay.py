@@ -1,4 +1,6 @@
-"""Experience replay (ER): every minibatch is the new samples plus as many replayed from the
+"""Experience replay strategy: new samples trained together with replayed ones from the buffer.
+
+Experience replay (ER): every minibatch is the new samples plus as many replayed from the
 class-balanced buffer; cross-entropy over both. The buffer is filled at the end of each task."""
 
 from __future__ import annotations

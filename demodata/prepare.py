@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m sensors.datasets.prepare                  # everything; < 2 s when cached
-    python -m sensors.datasets.prepare --only speech --force --voices 8
+    python -m demodata.prepare                  # everything; < 2 s when cached
+    python -m demodata.prepare --only speech --force --voices 8
 
 Sources, all offline (DESIGN.md section 9):
 
@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from sensors.atomic import atomic_write
-from sensors.datasets.store import DATASETS, MANIFEST, data_dir, file_sha256, voice_split
+from common.atomic import atomic_write
+from demodata.store import DATASETS, MANIFEST, data_dir, file_sha256, voice_split
 
-log = logging.getLogger("continua.datasets.prepare")
+log = logging.getLogger("continua.demodata.prepare")
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # fmt: off
@@ -438,7 +438,7 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m sensors.datasets.prepare", description=__doc__.split("\n")[0]
+        prog="python -m demodata.prepare", description=__doc__.split("\n")[0]
     )
     ap.add_argument(
         "--only",

@@ -17,11 +17,11 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sensors.datasets import store
-from sensors.datasets.content import split_pool
-from sensors.datasets.publish import DatasetStreamer, StreamerConfig, main
-from sensors.datasets.scene import ClassSchedule, Segment, Timeline
-from sensors.datasets.scene_control import SceneClient, SceneError, SceneServer
+from demodata import store
+from demodata.content import split_pool
+from demodata.publish import DatasetStreamer, StreamerConfig, main
+from demodata.scene import ClassSchedule, Segment, Timeline
+from demodata.scene_control import SceneClient, SceneError, SceneServer
 
 S = 1_000_000_000  # ns per second
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.errors import DatasetNotPreparedError
+from demodata.errors import DatasetCorruptError, DatasetNotPreparedError
 
 __all__ = [
     "DATASETS",
@@ -44,16 +44,12 @@ __all__ = [
 DATASETS = ("fashion_mnist", "digits", "basic_motions", "speech")
 MANIFEST = "manifest.json"
 ENV_VAR = "CONTINUA_DATA"
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[1]
 
 # Leave-voices-out split of the speech set: a voice is a synthesiser timbre ("+variant" of
 # espeak-ng, or one flite speaker); test voices never occur in train, across all accents.
 TEST_ESPEAK_VARIANTS = frozenset({"m3", "f4"})
 TEST_FLITE_VOICES = frozenset({"slt"})
-
-
-class DatasetCorruptError(DatasetNotPreparedError):
-    """A prepared file exists but does not match its manifest (hash, size or format)."""
 
 
 def data_dir() -> Path:
@@ -72,7 +68,7 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def _fix(name: str | None = None) -> str:
     only = f" --only {name}" if name else ""
-    return f"run `make data` (or `python -m sensors.datasets.prepare{only} --force`)"
+    return f"run `make data` (or `python -m demodata.prepare{only} --force`)"
 
 
 def manifest(root: Path | None = None) -> dict[str, Any]:

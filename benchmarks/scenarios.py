@@ -7,13 +7,13 @@ Pairing rule (synthetic pairing, as AV-MNIST): a sample of class c (0..9) is
 drawn independently within the class (images each once; clips and IMU recordings cycled through
 a seeded permutation, since there are fewer of them). The IMU alone therefore separates only
 4 groups of classes: fusion is needed. Speech test voices are never training voices
-(``sensors.datasets.store.voice_split``: leave-voices-out).
+(``demodata.store.voice_split``: leave-voices-out).
 
 - ``class``: the 10 classes in a seeded order, ``n_tasks`` tasks of 10/n_tasks new classes each;
   labels are renumbered in that order so task t holds the classes [t*k, (t+1)*k).
 - ``domain``: every task has all 10 classes; task t is domain t: images corrupted
-  (:data:`training.features.IMAGE_DOMAINS`), IMU with sensor noise/bias/gain
-  (:data:`training.features.IMU_DOMAINS`), and speech from a new group of voices (training voices
+  (:data:`benchmarks.feature_cache.IMAGE_DOMAINS`), IMU with sensor noise/bias/gain
+  (:data:`benchmarks.feature_cache.IMU_DOMAINS`), and speech from a new group of voices (training voices
   split into n_tasks disjoint groups, test voices likewise).
 
 The plan (which pool row every sample uses) is written to ``data/splits/<kind>-seed<seed>.json``
@@ -26,50 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.feature_cache import Pool
 from training.errors import ScenarioError
-from training.features import Pool
-from training.taskdata import TaskData
+from training.taskdata import Scenario, TaskData
 
 log = logging.getLogger(__name__)
 KINDS = ("class", "domain")
 MODS = ("image", "audio", "imu")
 N_CLASSES = 10
 PLAN_VERSION = 1
-
-
-@dataclass
-class Scenario:
-    """Train/test TaskData per task, plus what a report needs to say what was run."""
-
-    name: str
-    kind: str
-    train: list[TaskData]
-    test: list[TaskData]
-    class_names: list[str]
-    plan_hash: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.train)
-
-    @property
-    def modalities(self) -> list[str]:
-        return self.train[0].modalities
-
-    @property
-    def tap_dims(self) -> dict[str, list[int]]:
-        return self.train[0].tap_dims
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(int(t.labels.max()) for t in self.train)) + 1
 
 
 def _cycle(rng: np.random.Generator, candidates: np.ndarray, n: int) -> np.ndarray:
@@ -135,7 +105,7 @@ def plan_hash(plan: dict[str, Any]) -> str:
 def saved_plan(kind: str, pools: dict[str, Pool], *, seed: int, n_tasks: int, directory: Path,
                pools_id: str = "") -> dict[str, Any]:
     """The plan from ``directory`` if present (hash verified), else built and written (atomically)."""
-    from sensors.atomic import atomic_write
+    from common.atomic import atomic_write
 
     path = directory / f"{kind}-seed{seed}-t{n_tasks}{'-' + pools_id if pools_id else ''}.json"
     if path.exists():
@@ -179,13 +149,13 @@ def assemble(plan: dict[str, Any], pools: dict[str, Pool], class_names: list[str
 def trimodal(kind: str = "class", *, seed: int = 0, n_tasks: int = 5, feature_config: Any = None,
              progress: bool = True) -> Scenario:
     """The offline tri-modal scenario: features extracted/cached, split loaded or written, assembled."""
-    from sensors.datasets.store import data_dir
-    from training.features import extract_pools
+    from benchmarks.feature_cache import extract_pools
+    from demodata.store import data_dir
 
     pools, info = extract_pools(feature_config, progress=progress)
     plan = saved_plan(kind, pools, seed=seed, n_tasks=n_tasks, directory=data_dir() / "splits",
                       pools_id=info["key"])
-    from sensors.datasets import store
+    from demodata import store
 
     names = [str(x) for x in store.load("fashion_mnist", verify=False)["class_names"]]
     sc = assemble(plan, pools, names)

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import FeatureDatasetError
-from training.scenarios import Scenario
-from training.taskdata import TaskData
+from training.taskdata import Scenario, TaskData
 
 RESERVED = {"labels", "split", "is_test", "task", "class_names"}
 

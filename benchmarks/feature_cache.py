@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from sensors.atomic import atomic_write
+from common.atomic import atomic_write
+from common.config import require_positive
 from training.errors import FeatureCacheError
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,7 @@ class FeatureConfig:
     model_dir: str = "models"
 
     def __post_init__(self) -> None:
-        for name in ("image_train", "image_test", "domain_train", "domain_test", "threads", "batch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"FeatureConfig.{name} must be > 0, got {getattr(self, name)}")
+        require_positive(self, "image_train", "image_test", "domain_train", "domain_test", "threads", "batch")
         if self.domain_train > self.image_train or self.domain_test > self.image_test:
             raise ValueError(f"FeatureConfig.domain_train/test ({self.domain_train}/{self.domain_test}) must not "
                              f"exceed image_train/test ({self.image_train}/{self.image_test})")
@@ -98,7 +97,7 @@ def pool_meta(cfg: FeatureConfig, data: dict[str, dict[str, np.ndarray]]) -> dic
         for k in range(N_DOMAINS):
             yb = bm[f"y_{split}"]
             pools[f"imu/{split}-d{k}"] = Pool(labels=yb, src=np.arange(len(yb)))
-    from sensors.datasets.store import voice_split
+    from demodata.store import voice_split
 
     split = sp["split"] if "split" in sp else voice_split(sp["voice"])
     pools["audio/all-d0"] = Pool(labels=sp["y"], src=np.arange(len(sp["y"])), voice=sp["voice"], split=split)
@@ -148,13 +147,13 @@ def corrupt_imu(x: np.ndarray, domain: int, std: np.ndarray, seed: int = 0) -> n
 
 
 def load_sources() -> dict[str, dict[str, np.ndarray]]:
-    from sensors.datasets.store import load
+    from demodata.store import load
 
     return {name: load(name) for name in ("fashion_mnist", "basic_motions", "speech")}
 
 
 def cache_key(cfg: FeatureConfig, manifests: dict[str, dict[str, Any]]) -> str:
-    from sensors.datasets.store import manifest as data_manifest
+    from demodata.store import manifest as data_manifest
 
     dm = data_manifest()["datasets"]
     blob = {"version": VERSION, "pools": cfg.pool_fields(),
@@ -181,8 +180,8 @@ def extract_pools(cfg: FeatureConfig | None = None, *, root: Path | None = None,
     """All pools with their taps (cached), and info: cache key, dir, tap names/dims per modality."""
     from tqdm import tqdm
 
+    from demodata.store import data_dir
     from export import load_backend
-    from sensors.datasets.store import data_dir
 
     cfg = cfg or FeatureConfig()
     src = load_sources()

@@ -1,4 +1,4 @@
-"""sensors.atomic: whole-or-nothing writes, the documented modes, and no process-wide umask changes."""
+"""common.atomic: whole-or-nothing writes, the documented modes, and no process-wide umask changes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sensors.atomic import atomic_write, current_umask
+from common.atomic import atomic_write, current_umask
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_umask_stays_put_while_threads_write(tmp_path: Path) -> None:
 _MODES = r"""
 import json, os, stat, sys
 from pathlib import Path
-from sensors.atomic import atomic_write, current_umask
+from common.atomic import atomic_write, current_umask
 d = Path(sys.argv[1])
 os.umask(0o027)  # set once, before any thread: what a service unit's UMask= does
 atomic_write(d / "default.bin", b"x")

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sensors.config import ConfigError
-from sensors.datasets.scene import BASE, SCENE, ClassSchedule, Segment, SegmentTrack, Timeline
-from sensors.datasets.store import load, speech_split
+from common.config import ConfigError
+from demodata.scene import BASE, SCENE, ClassSchedule, Segment, SegmentTrack, Timeline
+from demodata.store import load, speech_split
 
 if TYPE_CHECKING:
-    from sensors.datasets.publish import StreamerConfig
+    from demodata.publish import StreamerConfig
 
-log = logging.getLogger("continua.datasets.publish")
+log = logging.getLogger("continua.demodata.publish")
 
 MIC_RATE = 16000
 IMU_RATE = 100  # Hz: replay rate of the 10 Hz BasicMotions recordings (10x compression)

@@ -1,6 +1,6 @@
 """What the dataset publishers show, and when: a class schedule with runtime overrides.
 
-Why this module: the demo's streams (``sensors.datasets.publish``) follow a fixed class
+Why this module: the demo's streams (``demodata.publish``) follow a fixed class
 schedule, but a scripted operator must be able to say "now show class c for S seconds", as a
 person holding an object in front of the robot, after which the schedule resumes. Every
 stream (camera, mic, IMU, truth) asks one :class:`Timeline` "which segment is shown at

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from sensors.config import load_config
-from sensors.datasets import store
-from sensors.datasets.prepare import WORDS, Options, prepare, speech_voices, synth_word
-from sensors.datasets.publish import ClassSchedule, DatasetStreamer, StreamerConfig
+from common.config import load_config
+from demodata import store
+from demodata.prepare import WORDS, Options, prepare, speech_voices, synth_word
+from demodata.publish import ClassSchedule, DatasetStreamer, StreamerConfig
 from sensors.transport import Publisher
 from sensors.wire import Audio, Image, Imu, decode
 
@@ -241,7 +241,7 @@ def test_publisher_streams_real_data_with_consistent_labels() -> None:
 
 
 def test_publish_main_runs_and_stops(caplog: pytest.LogCaptureFixture) -> None:
-    from sensors.datasets.publish import main
+    from demodata.publish import main
 
     caplog.set_level("INFO")
     args = [
@@ -258,3 +258,14 @@ def test_publish_main_runs_and_stops(caplog: pytest.LogCaptureFixture) -> None:
     ]
     assert main(args) == 0
     assert "stopped after" in caplog.text and "mic 640-sample chunks" in caplog.text
+
+
+def test_data_dir_is_the_checkouts_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without $CONTINUA_DATA the data lives in <repo>/data (the ignored folder `make data` fills)."""
+    from demodata import store
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv(store.ENV_VAR, raising=False)
+    assert store.data_dir() == repo / "data"
+    monkeypatch.setenv(store.ENV_VAR, str(tmp_path))
+    assert store.data_dir() == tmp_path.resolve()

@@ -1,4 +1,6 @@
-"""Batch feature extraction: one backbone pass per modality per sample (dataset and recording
+"""Batch feature extraction through the agent's own backbones, for its learning and evaluate jobs.
+
+One backbone pass per modality per sample (dataset and recording
 sources of a learning job, the evaluate job).
 
 Why a class of its own: live capture, MCAP replay and dataset sources

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m sensors.datasets.publish --config launch/publishers.toml
-    python -m sensors.datasets.publish --endpoint tcp://*:5556 --split test --classes 0,1,2 \\
+    python -m demodata.publish --config launch/publishers.toml
+    python -m demodata.publish --endpoint tcp://*:5556 --split test --classes 0,1,2 \\
         --dwell-s 2.0 --seconds 30
-    python -m sensors.datasets.publish --config launch/publishers.toml \\
+    python -m demodata.publish --config launch/publishers.toml \\
         --scene-endpoint tcp://127.0.0.1:5557 --scene-share 0.2   # + scene control
 
 One process, one :class:`~sensors.transport.Publisher`, one shared class schedule: the
@@ -35,9 +35,9 @@ The class pairing (class ``c`` = Fashion-MNIST class ``c`` image + spoken name o
 digits with spoken digits: the modalities share a label, not a physical event.
 
 Scene control: ``label_at``, the truth labels and every stream follow one
-:class:`~sensors.datasets.scene.Timeline`, the schedule plus overrides: ``show(c, S)`` (in
+:class:`~demodata.scene.Timeline`, the schedule plus overrides: ``show(c, S)`` (in
 process, or over a REP socket on ``scene_endpoint``, protocol in
-``sensors.datasets.scene_control``) shows class ``c`` (any of 0..9) for ``S`` seconds from
+``demodata.scene_control``) shows class ``c`` (any of 0..9) for ``S`` seconds from
 now, then the schedule resumes. Content is made per segment in fixed pieces (one image, or
 one per frame; one 1 s clip; one 100-sample recording), seeded by (seed, modality, segment
 key, piece), so cutting a segment short never changes what was sent. With ``scene_share >
@@ -70,13 +70,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from sensors.config import ConfigError, format_config, load_config
-from sensors.datasets.content import IMU_RATE, MIC_RATE, DatasetContent, camera_frame
-from sensors.datasets.scene import BASE, MAX_SHOW_S, SCENE, ClassSchedule
-from sensors.datasets.scene_control import SceneError, SceneServer
+from common.config import ConfigError, format_config, load_config
+from demodata.content import IMU_RATE, MIC_RATE, DatasetContent, camera_frame
+from demodata.scene import BASE, MAX_SHOW_S, SCENE, ClassSchedule
+from demodata.scene_control import SceneError, SceneServer
 from sensors.wire import Audio, Image, Imu
 
-log = logging.getLogger("continua.datasets.publish")
+log = logging.getLogger("continua.demodata.publish")
 
 __all__ = [
     "IMU_RATE",
@@ -127,34 +127,33 @@ class StreamerConfig:
         def bad(name: str, expected: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
 
-        if self.split not in ("train", "test"):
-            bad("split", "'train' or 'test'")
+        def one_of(name: str, *choices: str) -> None:  # "'train' or 'test'"
+            if getattr(self, name) not in choices:
+                bad(name, " or ".join(repr(c) for c in choices))
+
+        def within(name: str, lo: float, hi: float, suffix: str = "") -> None:  # "8 .. 4096 pixels"
+            if not lo <= getattr(self, name) <= hi:
+                bad(name, f"{lo} .. {hi}{suffix}")
+
+        one_of("split", "train", "test")
         if not self.classes or any(not 0 <= int(c) <= 9 for c in self.classes):
             bad("classes", "a non-empty list of class ids 0..9")
-        if self.order not in ("cycle", "shuffle"):
-            bad("order", "'cycle' or 'shuffle'")
-        if not 0.05 <= self.dwell_s <= 3600:
-            bad("dwell_s", "0.05 .. 3600 seconds")
+        one_of("order", "cycle", "shuffle")
+        within("dwell_s", 0.05, 3600, " seconds")
         if self.seconds < 0:
             bad("seconds", ">= 0 (0 = run until stopped)")
-        if not 0.01 <= self.rate_scale <= 100:
-            bad("rate_scale", "0.01 .. 100")
+        within("rate_scale", 0.01, 100)
         if not 0 < self.camera_hz * self.rate_scale <= 1000:
             bad("camera_hz", "a rate with 0 < camera_hz * rate_scale <= 1000")
-        if not 8 <= self.image_size <= 4096:
-            bad("image_size", "8 .. 4096 pixels")
-        if self.interpolation not in ("nearest", "linear"):
-            bad("interpolation", "'nearest' or 'linear'")
-        if self.camera_resample not in ("dwell", "frame"):
-            bad("camera_resample", "'dwell' or 'frame'")
-        if not 1 <= self.mic_chunk_ms <= 1000:
-            bad("mic_chunk_ms", "1 .. 1000 ms")
+        within("image_size", 8, 4096, " pixels")
+        one_of("interpolation", "nearest", "linear")
+        one_of("camera_resample", "dwell", "frame")
+        within("mic_chunk_ms", 1, 1000, " ms")
         if self.imu_batch < 1:
             bad("imu_batch", ">= 1")
         if len({self.camera_topic, self.mic_topic, self.imu_topic, self.truth_topic}) != 4:
             bad("truth_topic", "four distinct topic names")
-        if not 0 <= self.scene_share <= 0.9:
-            bad("scene_share", "0 .. 0.9 (share of each class's samples kept for overrides)")
+        within("scene_share", 0, 0.9, " (share of each class's samples kept for overrides)")
         if self.scene_endpoint and (
             not self.scene_endpoint.startswith(("tcp://", "ipc://", "inproc://"))
             or (self.scene_endpoint == self.endpoint and not self.endpoint.endswith((":*", ":0")))
@@ -404,7 +403,7 @@ def _parse_classes(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m sensors.datasets.publish", description=__doc__.split("\n")[0]
+        prog="python -m demodata.publish", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--config", type=Path, help="TOML file with a [publishers] table")
     ap.add_argument("--endpoint")

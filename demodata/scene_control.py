@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
-log = logging.getLogger("continua.datasets.scene")
+log = logging.getLogger("continua.demodata.scene")
 
 COMMANDS: dict[str, frozenset[str]] = {
     "show": frozenset({"class", "seconds"}),
