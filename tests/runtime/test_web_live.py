@@ -91,7 +91,8 @@ def test_page_messages_carry_predictions_thumbnails_health_and_tasks(live):
     img = Image.open(io.BytesIO(jpeg))
     assert img.format == "JPEG" and img.size == (cam["width"], cam["height"]) and cam["width"] <= 320
     feed = http(live["base"] + "/api/state", headers={"Cookie": f"continua_token={web.tokens.viewer}"}).json()["feed"]
-    assert feed["predictions"] >= 30 and feed.get("bad_prediction", 0) == 0
+    # every prediction the socket delivered went through the feed; the snapshot may repeat the newest one
+    assert feed["predictions"] >= len(seqs) - 1 and feed.get("bad_prediction", 0) == 0
     assert feed["thumbnails"] <= 5.5 * (time.monotonic() - live["t0"]) + 5  # at most thumbnail_fps
 
 
@@ -203,6 +204,8 @@ def test_teach_and_learn_new_task_from_the_page(live, page):
         assert by_testid(page, "teach-error").text == ""
     fields = {"learn-name": "clothes", "learn-labels": "pullover, dress", "learn-source": "taught"}
     assert _run_job(page, fields, "learn-button", 240) == "done", by_testid(page, "job-progress").text
+    job = live["client"].request("job")
+    assert job["result"].get("accepted"), job  # a rejected candidate adds no task: say why, not "timed out"
     task = wait_until(lambda: page.find_elements("css selector", '[data-testid="tasks"] [data-task="clothes"]'), 10,
                       "the new task in the task list")
     assert "pullover" in task[0].text and "dress" in task[0].text
