@@ -3,7 +3,7 @@
 Why one module: datasets, engine caches, replay buffers and checkpoints must all survive a
 robot losing power mid-write, and the protocol is easy to get subtly wrong (fsync the file
 *and* the directory, rename within one filesystem, clean the temp file on failure).
-``sensors`` is the leftmost package, so all of them may import it.
+It lives in ``common``, the neutral home that every package may import.
 
 Why the mode is set with ``fchmod`` and the umask is only *read*: ``os.umask`` can only be
 read by setting it, and the umask is process-wide, so ``umask(0); umask(old)`` in a

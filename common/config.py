@@ -1,7 +1,7 @@
 """TOML-backed dataclass configs shared by every continua process.
 
-Why here: ``sensors`` is the leftmost package of the data flow, so every other package may
-import it. A process declares a keyword-only dataclass with working defaults; this module
+Why here: ``common`` is the neutral home every package may import, whatever its place in the
+data flow. A process declares a keyword-only dataclass with working defaults; this module
 fills it from a TOML table, rejects unknown keys with a message naming them (a typo in a
 robot's launch file must not silently fall back to a default), and renders the effective
 config for the log at start-up.
