@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.threads import start_daemon
+from common.threads import join_all, start_daemon
 from sensors.curve import client_from
 from sensors.errors import WireError
 from sensors.jpeg import DECODERS, JPEG_REASONS, JpegDecoder
@@ -186,8 +186,7 @@ class SensorIntake:
         with self._lock:
             self._frame_new.notify_all()
             self._jpeg_new.notify_all()
-        for t in self._threads:
-            t.join(timeout=5.0)
+        join_all(self._threads)
         for r in self._readers:
             r.reader.close()
 

@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from common.threads import start_daemon
+from common.threads import join_all, start_daemon
 from runtime.console import ControlClient
 from runtime.errors import ControlTimeoutError
 from runtime.web.config import WebConfig
@@ -170,8 +170,7 @@ class Feed:
 
     def stop(self) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5.0)
+        join_all(self._threads)
         self._camera.stop()
         with self._control_lock:
             self._client.close()
