@@ -11,7 +11,10 @@ Pools (one cached entry each, rows in a fixed order independent of the scenario 
   ``image/test-d0``: the first ``image_test`` test images of every class. ``image/<split>-d<k>``
   for k = 1..4: the first ``domain_train`` / ``domain_test`` of those per class, corrupted with
   domain k of :data:`IMAGE_DOMAINS` (torchvision.transforms.v2, fixed seed).
-- ``audio/all-d0``: every speech clip (the scenario picks train/test voices).
+- ``image/digits-train-d0`` / ``image/digits-test-d0``: the first ``digits_train`` / last ``digits_test``
+  sklearn digits of every class (disjoint rows), 8x8 upscaled bilinearly to 28x28 (:func:`upscale_digits`)
+  and fed through the Fashion-MNIST image path (the ``long`` hard scenario).
+- ``audio/all-d0``: every speech clip (the scenario picks train/test voices and words).
 - ``imu/<split>-d<k>``: all 40 BasicMotions train / test recordings, with sensor domain k of
   :data:`IMU_DOMAINS` (noise, bias, gain in units of each channel's training std, fixed seed).
 """
@@ -40,6 +43,7 @@ IMAGE_DOMAINS = ("clean", "gaussian blur (k=5, sigma=1.2)", "gaussian noise (sig
 IMU_DOMAINS = ("clean", "noise 0.5 std", "bias +-1 std per channel", "gain 0.6 + noise 0.3 std",
                "bias -+1 std + noise 0.5 std")
 VERSION = 1
+DIGITS_MIN_PER_CLASS = 174  # sklearn load_digits: the rarest class (8) has 174 of 1797 images
 
 
 @dataclass(kw_only=True)
@@ -48,22 +52,28 @@ class FeatureConfig:
     image_test: int = 100
     domain_train: int = 60
     domain_test: int = 20
+    digits_train: int = 100
+    digits_test: int = 50
     backend: str = "onnxruntime"
     threads: int = 2
     batch: int = 32
     model_dir: str = "models"
 
     def __post_init__(self) -> None:
-        require_positive(self, "image_train", "image_test", "domain_train", "domain_test", "threads", "batch")
+        require_positive(self, "image_train", "image_test", "domain_train", "domain_test", "digits_train",
+                          "digits_test", "threads", "batch")
         if self.domain_train > self.image_train or self.domain_test > self.image_test:
             raise ValueError(f"FeatureConfig.domain_train/test ({self.domain_train}/{self.domain_test}) must not "
                              f"exceed image_train/test ({self.image_train}/{self.image_test})")
+        if self.digits_train + self.digits_test > DIGITS_MIN_PER_CLASS:
+            raise ValueError(f"FeatureConfig.digits_train + digits_test ({self.digits_train} + {self.digits_test}) "
+                             f"must not exceed {DIGITS_MIN_PER_CLASS}, the rarest digit's count (disjoint rows)")
         if self.backend not in ("onnxruntime", "torch", "tensorrt", "auto"):
             raise ValueError(f"FeatureConfig.backend must be onnxruntime|torch|tensorrt|auto, got {self.backend!r}")
 
     def pool_fields(self) -> dict[str, int]:
         return {k: v for k, v in asdict(self).items() if k in ("image_train", "image_test", "domain_train",
-                                                                "domain_test")}
+                                                                "domain_test", "digits_train", "digits_test")}
 
 
 @dataclass
@@ -97,6 +107,12 @@ def pool_meta(cfg: FeatureConfig, data: dict[str, dict[str, np.ndarray]]) -> dic
         for k in range(N_DOMAINS):
             yb = bm[f"y_{split}"]
             pools[f"imu/{split}-d{k}"] = Pool(labels=yb, src=np.arange(len(yb)))
+    if "digits" in data:  # first n train rows / last n test rows of each class: disjoint
+        yd = data["digits"]["y"]
+        tr = np.concatenate([np.flatnonzero(yd == c)[: cfg.digits_train] for c in range(10)])
+        te = np.concatenate([np.flatnonzero(yd == c)[-cfg.digits_test :] for c in range(10)])
+        pools["image/digits-train-d0"] = Pool(labels=yd[tr], src=tr)
+        pools["image/digits-test-d0"] = Pool(labels=yd[te], src=te)
     from demodata.store import voice_split
 
     split = sp["split"] if "split" in sp else voice_split(sp["voice"])
@@ -127,6 +143,16 @@ def corrupt_images(x: np.ndarray, domain: int, seed: int = 0) -> np.ndarray:
     return t.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def upscale_digits(x: np.ndarray, size: int = 28) -> np.ndarray:
+    """(N, 8, 8) uint8 sklearn digits -> (N, size, size) uint8, bilinear: the Fashion-MNIST input geometry, so
+    digits take exactly the image path Fashion-MNIST takes (grey -> RGB -> backbone)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return up[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def corrupt_imu(x: np.ndarray, domain: int, std: np.ndarray, seed: int = 0) -> np.ndarray:
     """(N, 6, 100) float32 with IMU domain ``domain`` (``std``: per-channel training std)."""
     rng = np.random.default_rng(seed * 1009 + domain)
@@ -149,7 +175,7 @@ def corrupt_imu(x: np.ndarray, domain: int, std: np.ndarray, seed: int = 0) -> n
 def load_sources() -> dict[str, dict[str, np.ndarray]]:
     from demodata.store import load
 
-    return {name: load(name) for name in ("fashion_mnist", "basic_motions", "speech")}
+    return {name: load(name) for name in ("fashion_mnist", "digits", "basic_motions", "speech")}
 
 
 def cache_key(cfg: FeatureConfig, manifests: dict[str, dict[str, Any]]) -> str:
@@ -158,7 +184,7 @@ def cache_key(cfg: FeatureConfig, manifests: dict[str, dict[str, Any]]) -> str:
     dm = data_manifest()["datasets"]
     blob = {"version": VERSION, "pools": cfg.pool_fields(),
             "backends": {m: manifests[m].get("content_hash") for m in MODALITIES},
-            "data": {k: dm[k]["sha256"] for k in ("fashion_mnist", "basic_motions", "speech") if k in dm}}
+            "data": {k: dm[k]["sha256"] for k in ("fashion_mnist", "digits", "basic_motions", "speech") if k in dm}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,6 +192,8 @@ def _inputs(name: str, pool: Pool, src: dict[str, dict[str, np.ndarray]]) -> np.
     mod, _, rest = name.partition("/")
     split, _, dom = rest.partition("-d")
     domain = int(dom)
+    if mod == "image" and split.startswith("digits-"):
+        return corrupt_images(upscale_digits(src["digits"]["x"][pool.src]), domain)
     if mod == "image":
         return corrupt_images(src["fashion_mnist"][f"x_{split}"][pool.src], domain)
     if mod == "imu":

@@ -12,8 +12,8 @@ Contents (INTERFACES.md "Prepared data"; extra keys may be added, none removed):
     basic_motions  x_train (40,6,100) f32, y_train i64, x_test, y_test, class_names (4,) str;
                    channels acc x,y,z then gyro x,y,z, values as shipped (10 Hz, 10 s)
     speech         audio (N,16000) i16, y (N,) i64 word index, voice (N,) "engine:voice",
-                   aug (N,) str, words (10,) str, split (N,) "train"|"test" (leave-voices-out:
-                   see :func:`voice_split`)
+                   aug (N,) str, words (20,) str (the Fashion-MNIST names, then "zero".."nine"),
+                   split (N,) "train"|"test" (leave-voices-out: see :func:`voice_split`)
 """
 
 from __future__ import annotations

@@ -33,9 +33,10 @@ IMAGE_SIZE = 224
 
 
 def _class_index(class_names: list[str], words: list[str]) -> dict[str, int]:
-    """Class id by spoken word ("t-shirt") or dataset name ("T-shirt/top"), case-insensitive."""
+    """Class id by spoken word ("t-shirt") or dataset name ("T-shirt/top"), case-insensitive; only
+    the words of the image classes (the speech set also holds the digit names, ids 10..19)."""
     index = {n.lower(): i for i, n in enumerate(class_names)}
-    index.update({w.lower(): i for i, w in enumerate(words)})
+    index.update({w.lower(): i for i, w in enumerate(words[: len(class_names)])})
     return index
 
 
@@ -48,7 +49,7 @@ def dataset_samples(labels: list[str], split: str, *, per_class: int, seed: int 
     index = _class_index([str(s) for s in fm["class_names"]], [str(w) for w in speech["words"]])
     unknown = [lab for lab in labels if lab.lower() not in index]
     if unknown:
-        raise CommandError("bad_args", f"labels {unknown} are not dataset classes; known: {[str(w) for w in speech['words']]}")
+        raise CommandError("bad_args", f"labels {unknown} are not dataset classes; known: {[str(w) for w in speech['words'][: len(fm['class_names'])]]}")
     sp = speech_split(speech, split)
     bm = load("basic_motions")
     rng = np.random.default_rng([seed, len(split)])

@@ -71,13 +71,13 @@ def test_speech_voices_recorded_and_split_disjoint() -> None:
     assert (store.voice_split(sp["voice"]) == sp["split"]).all()
     for voice in list(voices)[:5]:  # every voice says every word in >= 2 augmentations
         mine = sp["voice"] == voice
-        assert set(sp["y"][mine].tolist()) == set(range(10))
+        assert set(sp["y"][mine].tolist()) == set(range(len(WORDS)))
         assert len(set(sp["aug"][mine].tolist())) >= 3
     clean = sp["audio"][sp["aug"] == "clean"]
     assert (np.abs(clean).max(axis=1) > 1000).all()  # every clip speaks
     assert (clean[:, :100] == 0).all() and (clean[:, -100:] == 0).all()  # centred, zero padded
     half = store.speech_split(sp, "test")
-    assert set(half["voice"].tolist()) == test and half["words"].shape == (10,)
+    assert set(half["voice"].tolist()) == test and half["words"].shape == (len(WORDS),)
 
 
 # --------------------------------------------------------------------------- prepare / store
@@ -111,7 +111,7 @@ def test_prepare_tiny_speech_is_deterministic(tmp_path: Path) -> None:
     man = prepare(["speech"], opts=Options(voices=4), root=tmp_path)
     entry = man["datasets"]["speech"]
     sp = store.load("speech", root=tmp_path)
-    assert sp["audio"].shape == (4 * 10 * 4, 16000)
+    assert sp["audio"].shape == (4 * len(WORDS) * 4, 16000)
     assert set(sp["voice"].tolist()) == set(speech_voices()[:4])
     assert set(sp["split"].tolist()) == {"train", "test"}  # the voice order mixes splits
     assert entry["summary"]["voices"] == 4 and entry["key"]["params"] == {"voices": 4}
