@@ -20,8 +20,9 @@ run needs more tasks than 10 classes give, so its ``--tasks`` tasks are class pa
 scenario's order) under the domain scenario's shifts: tasks 0-4 domain 0 (clean), 5-9 domain 1
 (blur + IMU noise + new voices), ... (label space stays 10 classes; ACC is over every task seen).
 Replay storage: float32 / float16 / int8 bytes per sample for the full taps, and the "capped"
-layout the method ships for <= 2 KB (int8, the 1280-d image tap mean-pooled to 640, all other taps
-kept), with the accuracy of a model trained and replayed that way vs float32. Writes
+layout the agent ships as a configuration (``[learner] replay_sample_bytes = 2048`` with
+``buffer_dtype = "int8"``: the 1280-d image tap mean-pooled to 640 in the side network, all other
+taps kept), with the accuracy of a model trained and replayed that way vs float32. Writes
 benchmarks/results/method.json, method_routing.png and method_saturation.png; the last stdout
 line is one JSON object.
 """
@@ -43,7 +44,6 @@ from common.config import require_positive
 log = logging.getLogger("benchmarks.method")
 GOAL_LEARN_S = 10.0
 GOAL_BYTES = 2048
-CAP = {"image": {3: 2}}  # shipped <= 2 KB layout: the 1280-d image tap mean-pooled by 2 (-> 640)
 
 
 @dataclass(kw_only=True)
@@ -69,13 +69,14 @@ def load(kind: str, cfg: Config):
     return trimodal(kind, seed=cfg.seed, n_tasks=5, feature_config=FeatureConfig(threads=cfg.threads), progress=False)
 
 
-def _learner(dims, cfg: Config, strategy: str, threads: int = 1, **over):
+def _learner(dims, cfg: Config, strategy: str, threads: int = 1, replay_sample_bytes: int = 0, **over):
     """Untimed work runs on 1 thread: on shared, busy cores 2 OpenMP threads wait for each other
     (a task took 211 s instead of ~6 s); only the timed step uses ``cfg.threads``."""
     from training.config import StrategyConfig
     from training.learner import Learner, LearnerConfig
 
-    return Learner(dims, LearnerConfig(strategy=strategy, training=StrategyConfig(
+    return Learner(dims, LearnerConfig(strategy=strategy, replay_sample_bytes=replay_sample_bytes,
+                                       training=StrategyConfig(
         epochs=cfg.epochs, threads=threads, max_seconds=0.0, buffer_size=cfg.buffer_samples, seed=cfg.seed, **over)))
 
 
@@ -115,20 +116,6 @@ def timing(sc, cfg: Config) -> dict:
     return out
 
 
-def cap_taps(taps: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Apply :data:`CAP`: mean-pool the named levels by the given factor (fixed, not learned)."""
-    out = {}
-    for m, lv in taps.items():
-        out[m] = [x.reshape(len(x), -1, CAP[m][b]).mean(-1) if b in CAP.get(m, {}) else x for b, x in enumerate(lv)]
-    return out
-
-
-def _capped(data):
-    from training.taskdata import TaskData
-
-    return TaskData(taps=cap_taps(data.taps), present=data.present, labels=data.labels, task=data.task, name=data.name)
-
-
 def _quantise(taps: dict[str, list[np.ndarray]], dtype: str) -> dict[str, list[np.ndarray]]:
     if dtype == "float16":
         return {m: [x.astype(np.float16).astype(np.float32) for x in lv] for m, lv in taps.items()}
@@ -144,11 +131,13 @@ def _quantise(taps: dict[str, list[np.ndarray]], dtype: str) -> dict[str, list[n
 
 def storage(sc, cfg: Config) -> dict:
     """Bytes per replayed sample per layout, and 5-task class-IL ACC of "ours" trained that way."""
-    from training.buffer import ReplayBuffer
+    from training.buffer import ReplayBuffer, fit_pool
+    from training.config import ModelConfig
     from training.taskdata import TaskData
 
     dims = sc.tap_dims
-    cdims = {m: [d // CAP.get(m, {}).get(b, 1) for b, d in enumerate(ds)] for m, ds in dims.items()}
+    # the shipped layout: [learner] replay_sample_bytes = 2048 with buffer_dtype "int8"
+    cdims = ModelConfig(tap_dims=dims, tap_pool=fit_pool(dims, "int8", GOAL_BYTES)).pooled_dims()
     per = {"float32": sum(sum(ds) for ds in dims.values()) * 4}
     for dt in ("float16", "int8"):
         per[dt] = ReplayBuffer(10, 1 << 30, dt).sample_bytes(dims)
@@ -157,10 +146,10 @@ def storage(sc, cfg: Config) -> dict:
     acc = {}
     for name, dtype, capped in (("float16", "float16", False), ("int8", "int8", False),
                                 ("int8_capped", "int8", True)):
-        learner = _learner(cdims if capped else dims, cfg, "ours", buffer_dtype=dtype)
+        learner = _learner(dims, cfg, "ours", buffer_dtype=dtype, replay_sample_bytes=GOAL_BYTES if capped else 0)
         for t in sc.train:
-            learner.learn_task(_capped(t) if capped else t)
-        acc[name] = learner.evaluate(_capped(test) if capped else test)
+            learner.learn_task(t)
+        acc[name] = learner.evaluate(test)
         log.info("storage %s: ACC %.4f", name, acc[name])
         if name == "float16":  # the same trained model on float16/int8-rounded test inputs
             rounded = {dt: learner.evaluate(TaskData(taps=_quantise(test.taps, dt), present=test.present,

@@ -52,6 +52,37 @@ MANIFEST_FORMAT = 2  # of a saved directory's manifest; 2: sealed (1: unsealed, 
 _META_BYTES = 8 + 4 + 8  # label int64, task int32, stamp int64 (+ K bytes of present mask)
 
 
+def stored_sample_bytes(schema: dict[str, list[int]], dtype: str) -> int:
+    """Bytes one stored sample costs (tap payload + int8 scales + label/task/stamp + present mask)."""
+    dims = [d for ds in schema.values() for d in ds]
+    return sum(dims) * (2 if dtype == "float16" else 1) + (0 if dtype == "float16" else 4 * len(dims)) \
+        + _META_BYTES + len(schema)
+
+
+def fit_pool(tap_dims: dict[str, list[int]], dtype: str, max_bytes: int) -> dict[str, list[int]]:
+    """The tap pooling (``ModelConfig.tap_pool``) that fits one stored sample into ``max_bytes``:
+    halve the widest tap (mean over adjacent pairs) until it fits; empty when it already does.
+
+    Why the widest first: it is the deepest image tap (1280 of ~2,900 features here), the one with
+    the most redundancy per byte; halving it alone brings the int8 layout under 2 KB. Raises
+    ``ReplayBufferError`` when no halving can reach the bound.
+    """
+    factors = {m: [1] * len(ds) for m, ds in tap_dims.items()}
+
+    def pooled() -> dict[str, list[int]]:
+        return {m: [d // f for d, f in zip(ds, factors[m], strict=True)] for m, ds in tap_dims.items()}
+
+    while stored_sample_bytes(pooled(), dtype) > max_bytes:
+        dims = pooled()
+        cands = [(d, m, b) for m, ds in dims.items() for b, d in enumerate(ds) if d % 2 == 0 and d > 1]
+        if not cands:
+            raise ReplayBufferError(f"no tap pooling fits a {dtype} sample of taps {tap_dims} into {max_bytes} "
+                                    f"bytes (smallest reachable: {stored_sample_bytes(dims, dtype)})")
+        _, m, b = max(cands)
+        factors[m][b] *= 2
+    return {m: fs for m, fs in factors.items() if any(f > 1 for f in fs)}
+
+
 @dataclass
 class ReplayBatch:
     """Sampled replay data: taps modality -> list of (n, dim_b) float32; present (n, K); labels/tasks/stamps (n,)."""
@@ -98,12 +129,7 @@ class ReplayBuffer:
     def sample_bytes(self, schema: dict[str, list[int]] | None = None) -> int:
         """Bytes one stored sample costs (tap payload + scales + label/task/stamp + present mask)."""
         schema = schema or self.schema
-        if schema is None:
-            return 0
-        dims = [d for ds in schema.values() for d in ds]
-        payload = sum(dims) * (2 if self.dtype == "float16" else 1)
-        scales = 0 if self.dtype == "float16" else 4 * len(dims)
-        return payload + scales + _META_BYTES + len(schema)
+        return 0 if schema is None else stored_sample_bytes(schema, self.dtype)
 
     def _allocate(self, schema: dict[str, list[int]]) -> None:
         per = self.sample_bytes(schema)

@@ -64,6 +64,15 @@ class ModelConfig:
     n_experts: int = 10
     top_k: int = 2  # experts each token is routed to
     freeze_threshold: float = 0.10  # an expert with this share of a task's routing is frozen after it
+    # Routing-collapse counters (training.moe): at most this many experts frozen per task (0: no
+    # limit), never fewer than min_free_experts left free, and gate noise std in training.
+    freeze_per_task: int = 2
+    min_free_experts: int = 2
+    gate_noise: float = 0.5
+    # Fixed mean-pooling of taps before the side network, modality -> factor per level (1: keep),
+    # e.g. {"image": [1, 1, 1, 2]}: the <= 2 KB replay layout (with buffer_dtype "int8"). Pooled
+    # in the model, so the serving export and the replay buffer see the same pooled taps.
+    tap_pool: dict[str, list[int]] = field(default_factory=dict)
     bottleneck: int = 32  # hidden width of one expert
     # For a strategy with a modality_dropout hyperparameter (ours and its ablations) the learner
     # sets this from it (model_overrides; see LearnerConfig.modality_dropout).
@@ -82,7 +91,20 @@ class ModelConfig:
         require(self, ["top_k"], lambda v: v <= self.n_experts, f"<= n_experts={self.n_experts}")
         require(self, ["modality_dropout"], lambda v: 0.0 <= v < 1.0, "in [0, 1)")
         require(self, ["freeze_threshold"], lambda v: 0.0 < v <= 1.0, "in (0, 1]")
-        require_non_negative(self, "num_classes")
+        require_non_negative(self, "num_classes", "freeze_per_task", "min_free_experts", "gate_noise")
+        require(self, ["min_free_experts"], lambda v: v <= self.n_experts, f"<= n_experts={self.n_experts}")
+        self.tap_pool = {m: [int(f) for f in fs] for m, fs in self.tap_pool.items()}
+        for mod, factors in self.tap_pool.items():
+            dims = self.tap_dims.get(mod)
+            if dims is not None and (len(factors) != len(dims) or any(
+                    f < 1 or d % f for f, d in zip(factors, dims, strict=False))):
+                raise ValueError(f"ModelConfig.tap_pool[{mod!r}] = {factors} must give one factor >= 1 per tap "
+                                 f"level dividing its dim (tap dims {dims})")
+
+    def pooled_dims(self) -> dict[str, list[int]]:
+        """Tap dims after ``tap_pool`` (what the laterals and the replay buffer hold)."""
+        return {m: [d // f for d, f in zip(dims, self.tap_pool.get(m, [1] * len(dims)), strict=True)]
+                for m, dims in self.tap_dims.items()}
 
     @property
     def modalities(self) -> list[str]:
@@ -159,11 +181,15 @@ class LearnerConfig:
     # one (ours and its ablations; it becomes model.modality_dropout), unless training.params names
     # one; None: the strategy's own default (0.1 for ours). 0.3, not 0.1: see StrategyConfig.epochs.
     modality_dropout: float | None = 0.3
+    # > 0: pool taps (training.buffer.fit_pool) so one buffered sample costs at most this many
+    # bytes; 2048 with training.buffer_dtype "int8" is the <= 2 KB layout (launch/robot-2kb.toml).
+    replay_sample_bytes: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     training: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
         require_positive(self, "max_task_samples")
+        require_non_negative(self, "replay_sample_bytes")
         require(self, ["modality_dropout"], lambda v: v is None or 0.0 <= v < 1.0, "in [0, 1) or None")
         if self.training.epochs <= 0:  # a strategy may take 0 passes (export dry runs); a learner may not
             raise ValueError(f"LearnerConfig.training.epochs must be > 0, got {self.training.epochs}")
@@ -208,4 +234,8 @@ class LearnerConfig:
 
         cls = get_strategy(self.strategy)
         over = cls.model_overrides(self.strategy_params()) if hasattr(cls, "model_overrides") else {}
+        if self.replay_sample_bytes and not self.model.tap_pool:
+            from training.buffer import fit_pool
+
+            over["tap_pool"] = fit_pool(tap_dims, self.training.buffer_dtype, self.replay_sample_bytes)
         return dataclasses.replace(self.model, tap_dims=tap_dims, **over)

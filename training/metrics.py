@@ -96,24 +96,55 @@ def summarize(r: Any, b: Sequence[float], *, task_seconds: Sequence[float] = (),
                             buffer_bytes=int(buffer_bytes))
 
 
+# Two-sided 95 % Student t critical values by degrees of freedom (df > 30: the normal 1.96).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean (Student t, sample std); nan for
+    fewer than 2 values: one seed says nothing about the spread."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float("nan")
+    t = _T95[len(v) - 2] if len(v) - 1 <= len(_T95) else 1.96
+    return float(t * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Mean of the per-seed differences a - b with its 95 % interval; ``excludes_zero`` is the
+    test this project uses for "A beats B" (a difference inside the interval is no difference)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    half = ci95(d)
+    mean = float(d.mean()) if len(d) else float("nan")
+    return {"mean": mean, "ci95": half, "low": mean - half, "high": mean + half,
+            "excludes_zero": bool(math.isfinite(half) and (mean - half > 0 or mean + half < 0)), "n": int(len(d))}
+
+
 SCALARS = ("acc", "bwt", "fwt", "forgetting", "mean_task_seconds", "peak_rss_bytes", "buffer_bytes")
 
 
 def aggregate(runs: Sequence[ContinualMetrics]) -> dict[str, Any]:
-    """Mean and (population) std over seeds of every scalar metric, plus the mean accuracy matrix."""
+    """Mean, (population) std, 95 % interval half-width and the per-seed values of every scalar
+    metric over seeds, plus the mean accuracy matrix."""
     if not runs:
         raise ValueError("aggregate needs at least one run")
     out: dict[str, Any] = {"seeds": len(runs)}
     for key in SCALARS:
         vals = [float(np.mean(r.task_seconds)) if key == "mean_task_seconds" else float(getattr(r, key))
                 for r in runs]
-        out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+        out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "ci95": ci95(vals),
+                    "per_seed": vals}
     out["matrix_mean"] = np.mean([r.matrix for r in runs], axis=0).tolist()
     out["random_init_mean"] = np.mean([r.random_init for r in runs], axis=0).tolist()
     return out
 
 
 def fmt_mean_std(d: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean +- half-width of the 95 % interval`` (the std where the interval is undefined)."""
     if not math.isfinite(d["mean"]):
         return "n/a"
-    return f"{d['mean'] * scale:.{digits}f} +- {d['std'] * scale:.{digits}f}"
+    spread = d.get("ci95", float("nan"))
+    spread = spread if math.isfinite(spread) else d["std"]
+    return f"{d['mean'] * scale:.{digits}f} +- {spread * scale:.{digits}f}"

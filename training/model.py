@@ -69,7 +69,7 @@ class SideNetwork(nn.Module):
         # level offset: a modality with fewer taps joins at the deep end
         self._offset = {m: levels - len(dims) for m, dims in config.tap_dims.items()}
         self.lateral = nn.ModuleDict(
-            {m: nn.ModuleList(Lateral(dim, d) for dim in dims) for m, dims in config.tap_dims.items()}
+            {m: nn.ModuleList(Lateral(dim, d) for dim in dims) for m, dims in config.pooled_dims().items()}
         )
         self.start = nn.Parameter(torch.zeros(k, d))
         self.absent = nn.Parameter(0.02 * torch.randn(levels, k, d))
@@ -87,7 +87,7 @@ class SideNetwork(nn.Module):
 
         c = self.config
         return CrossModalMoE(d=c.d, n_modalities=len(self.modalities), n_experts=c.n_experts, top_k=c.top_k,
-                             bottleneck=c.bottleneck)
+                             bottleneck=c.bottleneck, gate_noise=c.gate_noise)
 
     @property
     def num_classes(self) -> int:
@@ -119,7 +119,22 @@ class SideNetwork(nn.Module):
         one = F.one_hot(score.argmax(dim=1), present.shape[1]).bool() & present
         return torch.where(none_left[:, None], one, kept)
 
+    def pool_taps(self, taps: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+        """Apply ``config.tap_pool`` (mean over groups of adjacent features); a tap already at its
+        pooled width passes unchanged, so replayed (stored pooled) and live taps both work."""
+        pool = self.config.tap_pool
+        if not pool:
+            return taps
+        out = {}
+        for m, lv in taps.items():
+            factors = pool.get(m)
+            out[m] = lv if factors is None else [
+                x if f == 1 or x.shape[-1] != full else x.reshape(*x.shape[:-1], -1, f).mean(-1)
+                for x, f, full in zip(lv, factors, self.config.tap_dims[m], strict=True)]
+        return out
+
     def forward(self, taps: dict[str, list[Tensor]], present: Tensor) -> ModelOutput:
+        taps = self.pool_taps(taps)
         present = self._dropout_mask(present.bool())
         batch = present.shape[0]
         h = self.start.unsqueeze(0).expand(batch, -1, -1)

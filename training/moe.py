@@ -23,9 +23,17 @@ Why these choices:
   have a zero gate, so they get exactly zero gradient.
 - The pre-expert LayerNorm has no affine parameters: a shared, trainable normalisation would
   keep changing what frozen experts see.
-- Routing shares are counted per task in ``usage`` (selection counts); the share of expert e is
+- Routing shares are counted per task in ``usage`` (selection counts, added by the strategy for
+  the rows it wants counted: a task's own rows, not replayed ones); the share of expert e is
   ``usage[e] / usage.sum()`` (top-k selections sum to k per sample, so shares sum to 1 and the
   uniform share is 1/E).
+- Routing collapse (measured: from task 2 on, 70-100 % of a task's routing went to experts that
+  were already frozen, so new tasks trained almost nothing but the gate and the head) has three
+  counters, each switchable: noisy top-k in training (``gate_noise``, Shazeer et al. 2017, with a
+  fixed noise std instead of a learned one), a load-balancing loss that charges frozen experts
+  ``frozen_cost`` times more than free ones (:func:`balance_loss`; ``frozen_cost`` 1 is the
+  Switch-Transformer loss), and a freezing rule that keeps capacity (:func:`freeze_busy_experts`:
+  at most ``per_task`` new frozen experts per task and never fewer than ``min_free`` free ones).
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ class CrossModalMoE(nn.Module):
     """Top-k gated mixture of cross-modal attention experts over K modality tokens.
 
     ``forward(u (B,K,d), present (B,K) bool) -> (h (B,K,d), gates (B,E))``; ``gates`` is zero
-    outside each sample's top-k and softmax-normalised over the selected logits.
-    ``aux_loss`` holds the Switch-style load-balancing loss of the last forward pass.
+    outside each sample's top-k and softmax-normalised over the selected logits. ``probs`` holds
+    the full gate softmax (B,E) of the last forward pass, for :func:`balance_loss`.
     """
 
     usage: Tensor
@@ -100,15 +108,14 @@ class CrossModalMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(d=d, bottleneck=bottleneck) for _ in range(n_experts))
         self.register_buffer("usage", torch.zeros(n_experts))
         self.register_buffer("frozen", torch.zeros(n_experts, dtype=torch.bool))
-        self.count_usage = False
-        self.aux_loss: Tensor = torch.zeros(())
+        self.probs: Tensor = torch.zeros(0, n_experts)
         # Buffers are restored by load_state_dict, requires_grad is not: re-apply it.
         self.register_load_state_dict_post_hook(lambda module, _keys: module._apply_freeze())
 
     def __getstate__(self) -> dict:
-        # aux_loss is part of the last step's autograd graph: copies and pickles drop it.
+        # probs is part of the last step's autograd graph: copies and pickles drop it.
         state = self.__dict__.copy()
-        state["aux_loss"] = torch.zeros(())
+        state["probs"] = torch.zeros(0, self.n_experts)
         return state
 
     # -- routing bookkeeping -------------------------------------------------------------
@@ -141,7 +148,7 @@ class CrossModalMoE(nn.Module):
         pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         logits = self.gate(pooled)
         if self.training and self.gate_noise > 0:
-            logits = logits + torch.randn_like(logits) * (self.gate_noise / self.n_experts)
+            logits = logits + torch.randn_like(logits) * self.gate_noise  # noisy top-k: explore
         top_val, top_idx = logits.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(logits).scatter(-1, top_idx, torch.softmax(top_val, dim=-1))
         return gates, torch.softmax(logits, dim=-1)
@@ -187,13 +194,7 @@ class CrossModalMoE(nn.Module):
         mixed = mixed + ((gates * any_key[:, None].to(gates.dtype)) @ up_b).unsqueeze(1)
         h = u + mixed * present.unsqueeze(-1).to(u.dtype)
 
-        # Switch-Transformer load balancing: E * sum_e (fraction routed to e) * (mean prob of e).
-        dispatched = (gates > 0).to(u.dtype)
-        frac = dispatched.mean(0) / self.top_k
-        self.aux_loss = self.n_experts * (frac.detach() * probs.mean(0)).sum()
-        if self.count_usage and self.training:
-            with torch.no_grad():
-                self.usage += dispatched.sum(0)
+        self.probs = probs
         return h, gates
 
 
@@ -202,16 +203,46 @@ def moe_modules(model: nn.Module) -> list[CrossModalMoE]:
     return [m for m in model.modules() if isinstance(m, CrossModalMoE)]
 
 
-def freeze_busy_experts(model: nn.Module, threshold: float) -> list[Tensor]:
-    """After a task: freeze every expert whose routing share exceeded ``threshold``.
+def balance_loss(moe: CrossModalMoE, gates: Tensor, rows: Tensor | None = None, *,
+                 frozen_cost: float = 1.0) -> Tensor:
+    """Load balancing of one MoE level over ``rows`` (bool (B,), default all) of its last forward:
+    ``E * sum_e c_e * f_e * P_e`` with f_e the share of top-k selections, P_e the mean gate
+    probability and c_e = ``frozen_cost`` for frozen experts, 1 for free ones.
 
+    Why the cost: the Switch loss (all c_e = 1) flattens routing over every expert, frozen ones
+    included, so a new task still sends most of its rows through experts it cannot train; a
+    cost above 1 moves the new rows' probability mass toward the free experts (the gradient
+    reaches the gate through P only, as in the Switch loss).
+    """
+    probs = moe.probs
+    if rows is not None:
+        gates, probs = gates[rows], probs[rows]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    frac = (gates > 0).to(probs.dtype).mean(0).detach() / moe.top_k
+    cost = torch.where(moe.frozen, frozen_cost, 1.0).to(probs.dtype)
+    return moe.n_experts * (cost * frac * probs.mean(0)).sum()
+
+
+def freeze_busy_experts(model: nn.Module, threshold: float, *, per_task: int = 0,
+                        min_free: int = 0) -> list[Tensor]:
+    """After a task: freeze the experts whose routing share exceeded ``threshold``, busiest first,
+    at most ``per_task`` of them (0: no limit) and never leaving fewer than ``min_free`` free.
+
+    Why the limits: with only the threshold, one task with spread-out routing (e.g. under a
+    balancing loss) froze every expert at once and later tasks had no trainable expert left.
     Returns the newly frozen mask per MoE module (for logging and plots).
     """
     newly = []
     for moe in moe_modules(model):
-        busy = moe.shares() > threshold
-        new = busy & ~moe.frozen
-        moe.freeze(busy)
+        shares = moe.shares()
+        cand = ((shares > threshold) & ~moe.frozen).nonzero().flatten()
+        cand = cand[shares[cand].argsort(descending=True)]
+        room = max(int((~moe.frozen).sum()) - min_free, 0)
+        cand = cand[: min(room, per_task if per_task > 0 else len(cand))]
+        new = torch.zeros_like(moe.frozen)
+        new[cand] = True
+        moe.freeze(new)
         newly.append(new.clone())
         log.info("MoE %d: shares %s, frozen now %d/%d", len(newly) - 1,
                  [round(float(s), 3) for s in moe.shares()], int(moe.frozen.sum()), moe.n_experts)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from training.model import ModelConfig, SideNetwork
-from training.moe import CrossModalMoE, freeze_busy_experts, moe_modules
+from training.moe import CrossModalMoE, balance_loss, freeze_busy_experts, moe_modules
 
 D, K, E = 16, 3, 10
 
@@ -60,19 +60,13 @@ def test_all_absent_is_finite_with_finite_gradients() -> None:
     torch.testing.assert_close(h, u)
 
 
-def test_usage_counted_only_when_asked_and_training() -> None:
+def test_forward_never_counts_usage_and_shares_sum_to_one() -> None:
     moe = _moe()
     u, present = _inputs()
-    moe(u, present)
-    assert moe.usage.sum() == 0
-    moe.count_usage = True
-    moe.eval()
-    moe(u, present)
-    assert moe.usage.sum() == 0
-    moe.train()
     _, gates = moe(u, present)
+    assert moe.usage.sum() == 0  # the strategy counts the rows it wants (a task's own rows)
+    moe.usage += (gates > 0).float().sum(0)
     assert moe.usage.sum() == 2 * 32
-    torch.testing.assert_close(moe.usage, (gates > 0).float().sum(0))
     torch.testing.assert_close(moe.shares().sum(), torch.tensor(1.0))
     moe.reset_usage()
     assert moe.usage.sum() == 0
@@ -81,8 +75,8 @@ def test_usage_counted_only_when_asked_and_training() -> None:
 def test_frozen_experts_bit_identical_and_without_optimizer_state() -> None:
     moe = _moe()
     u, present = _inputs(64)
-    moe.count_usage = True
     _, gates = moe(u, present)
+    moe.usage += (gates > 0).float().sum(0)
     frozen = moe.shares() > 0.10
     assert 0 < int(frozen.sum()) < E
     moe.freeze(frozen)
@@ -92,7 +86,8 @@ def test_frozen_experts_bit_identical_and_without_optimizer_state() -> None:
     for _ in range(3):
         opt.zero_grad()
         h, _ = moe(u, present)
-        (h.pow(2).mean() + moe.aux_loss).backward()
+        _, g = moe(u, present)
+        (h.pow(2).mean() + balance_loss(moe, g)).backward()
         opt.step()
     state_ids = {id(p) for p in opt.state}
     changed_free = False
@@ -133,13 +128,38 @@ def test_freeze_busy_experts_uses_threshold() -> None:
     assert all(m.frozen.nonzero().flatten().tolist() == [0] for m in moe_modules(model))
 
 
-def test_aux_loss_has_gate_gradient() -> None:
+def test_balance_loss_has_gate_gradient_and_charges_frozen_experts() -> None:
     moe = _moe()
     u, present = _inputs()
-    moe(u, present)
-    moe.aux_loss.backward()
+    _, gates = moe(u, present)
+    loss = balance_loss(moe, gates)
+    loss.backward(retain_graph=True)
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
-    assert float(moe.aux_loss.detach()) > 0
+    assert float(loss.detach()) > 0
+    busy = (gates > 0).float().mean(0).argmax()
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[busy] = True
+    moe.freeze(mask)
+    charged = balance_loss(moe, gates, frozen_cost=4.0)
+    assert float(charged.detach()) > float(loss.detach()) + 1e-6  # the busy expert now costs 4x
+    # the gradient pushes probability away from the frozen expert: its gate logit goes down
+    moe.gate.weight.grad = None
+    moe.gate.bias.grad = None
+    charged.backward()
+    assert float(moe.gate.bias.grad[busy]) > 0 and float(moe.gate.bias.grad[busy]) == max(moe.gate.bias.grad)
+
+
+def test_freeze_busy_experts_caps_per_task_and_keeps_free_experts() -> None:
+    model = nn.ModuleList([_moe()])
+    moe = model[0]
+    moe.usage.copy_(torch.full((E,), 10.0))  # uniform: every share 0.1 + tiny differences below
+    moe.usage[:4] += torch.tensor([4.0, 3.0, 2.0, 1.0])
+    newly = freeze_busy_experts(model, 0.05, per_task=2)
+    assert newly[0].nonzero().flatten().tolist() == [0, 1]  # the two busiest only
+    freeze_busy_experts(model, 0.05, per_task=0, min_free=3)
+    assert int((~moe.frozen).sum()) == 3  # no limit per task, but 3 stay free
+    freeze_busy_experts(model, 0.05, per_task=0, min_free=3)
+    assert int((~moe.frozen).sum()) == 3
 
 
 def test_side_network_with_missing_modality() -> None:

@@ -163,7 +163,8 @@ class Strategy:
         """After training on the task. Base: offer the task's samples to the buffer (uses_buffer)."""
         if self.uses_buffer and self.buffer is not None:
             stamp = time.time_ns()
-            self.buffer.add_batch(data.taps, data.present, data.labels, data.task,
+            # stored at the model's pooled width (ModelConfig.tap_pool): the <= 2 KB layout
+            self.buffer.add_batch(self.model.pool_taps(data.taps), data.present, data.labels, data.task,
                                   np.full(len(data), stamp, dtype=np.int64))
 
     def observe(self, batch: Batch) -> dict[str, float]:
@@ -235,6 +236,7 @@ class Strategy:
             if self.trains and cfg.epochs > 0 and len(train):
                 self.optimizer = self.make_optimizer()
                 taps, present, labels = _tensors(train, self.device)
+                taps = self.model.pool_taps(taps)  # the width replayed rows are stored at
                 tasks = torch.full((len(train),), train.task, dtype=torch.long, device=self.device)
                 n, bs = len(train), cfg.batch_size
                 per_epoch = (n + bs - 1) // bs
