@@ -19,8 +19,9 @@ budget; only the strategy differs. Strategy names come from ``training.registry`
 shorthands ``baselines`` and ``ablations`` expand to lists. Per strategy: accuracy matrix R[i][j],
 ACC, BWT, FWT (vs a randomly initialised model), average forgetting, seconds per task, peak RSS,
 buffer bytes and bytes per buffered sample; mean and 95 % interval over seeds, and the paired-by-
-seed ACC difference of "ours" against every other strategy (an "ours-no-X" row whose interval
-excludes 0 with a positive mean is a part that earns its place). Prints tables, writes
+seed ACC difference of "ours" against every other strategy, and of "ours-full" (every part on)
+against each "ours-no-X" row: a part earns its place when that interval excludes 0 with a
+positive mean. Prints tables, writes
 benchmarks/results/continual[-quick][-val]-<scenario|hard>.json and PNGs; the last stdout line
 is one JSON object: strategy -> metrics (``acc``, ``bwt``, ``fwt``, ``forgetting``, each with
 ``mean``); keys "<strategy>@<scenario>" when several scenarios run, and plain "<strategy>" for
@@ -51,7 +52,7 @@ from common.config import require_positive
 
 log = logging.getLogger("benchmarks.continual")
 BASELINES = ["naive", "ewc", "replay", "lwf", "ncm", "joint", "slda", "ranpac", "derpp", "er-ace"]
-ABLATIONS = ["ours", "ours-no-moe", "ours-no-freeze", "ours-no-routing-fix", "ours-no-align", "ours-no-preserve",
+ABLATIONS = ["ours", "ours-full", "ours-no-moe", "ours-no-freeze", "ours-no-routing-fix", "ours-no-align", "ours-no-preserve",
              "ours-no-ewc", "ours-no-consistency", "ours-no-nme", "ours-no-wa", "ours-distill", "seed"]
 SANITY = ("class", "domain")
 SUITES = {"hard": ("fewshot", "long", "conjunctive", "faults")}

@@ -93,31 +93,40 @@ def suite_mean(per_kind: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str,
     return out
 
 
-def comparisons(results: dict[str, dict[str, Any]], reference: str = "ours") -> dict[str, Any]:
+def comparisons(results: dict[str, dict[str, Any]], reference: str = "ours", full: str = "ours-full") -> dict[str, Any]:
     """Paired-by-seed ACC differences ``reference - X`` for every other strategy (95 % interval),
-    and the ablation verdicts: part X of the reference "earns its place" when removing it
-    ("<reference>-no-X") lowers mean ACC and the interval of the difference excludes 0."""
+    and the ablation verdicts: part X of the full method (``full``, else ``reference``) "earns its
+    place" when removing it ("ours-no-X") lowers mean ACC and the interval of the difference
+    excludes 0."""
     from training.metrics import paired_difference
 
-    if reference not in results:
-        return {}
-    ref = results[reference]["acc"]["per_seed"]
-    diffs = {name: paired_difference(ref, r["acc"]["per_seed"]) for name, r in results.items() if name != reference}
-    verdicts = {}
-    for name, d in diffs.items():
-        if name.startswith(f"{reference}-no-"):
-            verdicts[name[len(reference) + 4:]] = {**d, "earns_place": bool(d["excludes_zero"] and d["mean"] > 0)}
-    return {"reference": reference, "acc_difference": diffs, "ablations": verdicts}
+    out: dict[str, Any] = {}
+    if reference in results:
+        ref = results[reference]["acc"]["per_seed"]
+        out = {"reference": reference, "acc_difference": {
+            name: paired_difference(ref, r["acc"]["per_seed"]) for name, r in results.items() if name != reference}}
+    base = full if full in results else reference
+    if base in results:
+        ref = results[base]["acc"]["per_seed"]
+        verdicts = {}
+        for name, r in results.items():
+            if name.startswith("ours-no-"):
+                d = paired_difference(ref, r["acc"]["per_seed"])
+                verdicts[name[len("ours-no-"):]] = {**d, "earns_place": bool(d["excludes_zero"] and d["mean"] > 0)}
+        out.update(ablation_reference=base, ablations=verdicts)
+    return out
 
 
 def comparison_table(comp: dict[str, Any]) -> str:
     if not comp:
         return ""
-    lines = [f"-- paired by seed: ACC({comp['reference']}) - ACC(X), 95 % interval --"]
-    for name, d in comp["acc_difference"].items():
+    lines = [f"-- paired by seed: ACC({comp.get('reference')}) - ACC(X), 95 % interval --"]
+    for name, d in comp.get("acc_difference", {}).items():
         verdict = "" if not d["excludes_zero"] else (" better" if d["mean"] > 0 else " worse")
         lines.append(f"{name:<22} {d['mean'] * 100:+6.1f} [{d['low'] * 100:+6.1f}, {d['high'] * 100:+6.1f}]"
                      f"{verdict or ' no difference'}")
-    for part, v in comp["ablations"].items():
-        lines.append(f"part {part:<17} {'earns its place' if v['earns_place'] else 'does NOT earn its place'}")
+    for part, v in comp.get("ablations", {}).items():
+        lines.append(f"part {part:<17} of {comp['ablation_reference']}: {v['mean'] * 100:+.1f} "
+                     f"[{v['low'] * 100:+.1f}, {v['high'] * 100:+.1f}] "
+                     f"{'earns its place' if v['earns_place'] else 'does NOT earn its place'}")
     return "\n".join(lines)

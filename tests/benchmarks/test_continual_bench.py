@@ -26,11 +26,11 @@ def _features(path, n_per_class: int = 24, classes: int = 6) -> None:
 
 def test_continual_prints_intervals_bytes_and_paired_ablations(tmp_path, capsys) -> None:
     _features(tmp_path / "f.npz")
-    rc = continual.main(["--features", str(tmp_path / "f.npz"), "--strategies", "naive,replay,ours,ours-no-nme",
+    rc = continual.main(["--features", str(tmp_path / "f.npz"), "--strategies", "naive,replay,ours,ours-full,ours-no-nme",
                          "--seeds", "2", "--epochs", "1", "--out", str(tmp_path / "out"), "--replay-bytes", "200"])
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(line) == {"naive", "replay", "ours", "ours-no-nme"}
+    assert set(line) == {"naive", "replay", "ours", "ours-full", "ours-no-nme"}
     for r in line.values():
         for key in ("acc", "bwt", "fwt", "forgetting"):
             assert 0.0 <= r["acc"]["mean"] <= 1.0 and len(r[key]["per_seed"]) == 2
@@ -39,7 +39,7 @@ def test_continual_prints_intervals_bytes_and_paired_ablations(tmp_path, capsys)
     assert line["naive"]["bytes_per_sample"] == 0 and 0 < line["replay"]["bytes_per_sample"] <= 200
     doc = json.loads(next((tmp_path / "out").glob("continual-*.json")).read_text())
     nme = doc["comparisons"]["ablations"]["nme"]
-    want = paired_difference(line["ours"]["acc"]["per_seed"], line["ours-no-nme"]["acc"]["per_seed"])
+    want = paired_difference(line["ours-full"]["acc"]["per_seed"], line["ours-no-nme"]["acc"]["per_seed"])
     assert nme["mean"] == pytest.approx(want["mean"]) and nme["earns_place"] == (want["excludes_zero"]
                                                                               and want["mean"] > 0)
 

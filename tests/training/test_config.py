@@ -134,7 +134,7 @@ def test_moved_is_a_general_mechanism() -> None:
 
 
 def test_learner_views_fill_tap_dims_and_resolve_the_strategy_without_changing_the_tree() -> None:
-    cfg = LearnerConfig(strategy="ours", training=StrategyConfig(device="auto", params={"ewc": 2.0}))
+    cfg = LearnerConfig(strategy="ours-full", training=StrategyConfig(device="auto", params={"ewc": 2.0}))
     model = cfg.model_config({"image": [4, 8]})
     assert model.tap_dims == {"image": [4, 8]} and model.adapter == "moe"
     assert model.modality_dropout == pytest.approx(0.3)  # LearnerConfig.modality_dropout, via the strategy

@@ -20,7 +20,7 @@ from training.learner import Learner
 from training.moe import moe_modules
 from training.taskdata import TaskData
 
-_config = functools.partial(small_learner_config, epochs=4)
+_config = functools.partial(small_learner_config, epochs=4, strategy="ours-full")  # every part on: MoE, freezing
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from training.moe import moe_modules
 from training.strategies.base import Batch
 
 
-def _second_task_state(name: str = "ours"):
+def _second_task_state(name: str = "ours-full"):
     """An "ours" learner after task 0, set up for task 1 as ``learn_task`` would (old-model
     snapshot, head grown, begin_task), plus a batch of new and replayed rows."""
     s = new(name, epochs=2)
@@ -76,7 +76,7 @@ def test_routing_does_not_collapse_onto_frozen_experts() -> None:
     """Synthetic 5-task stream: with the routing fix most of each later task's routing goes to
     experts it can still train; the seed's routing (threshold freezing only) sends much more of
     it to frozen experts and freezes more experts."""
-    fixed, seed = new("ours", epochs=3), new("ours-no-routing-fix", epochs=3)
+    fixed, seed = new("ours-full", epochs=3), new("ours-no-routing-fix", epochs=3)
     train, _ = stream(5)
     for t in train:
         fixed.learn_task(t)
@@ -124,7 +124,7 @@ def test_seed_and_named_options() -> None:
     assert new("ours-no-nme").p["nme_mix"] == 0 and new("ours-no-wa").p["weight_align"] == 0
     assert new("ours-distill").p["distill"] > 0 and new("ours").p["distill"] == 0
     # nme_mix changes predictions once class means exist; weight aligning rescales new head rows
-    s = new("ours", epochs=2)
+    s = new("ours-full", epochs=2)
     train, test = stream(2)
     for t in train:
         s.learn_task(t)
