@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.feature_cache import Pool
-from benchmarks.scenarios import MODS, _cycle, plan_hash
+from benchmarks.scenarios import MODS, _cycle, plan_hash, read_plan
 from training.errors import ScenarioError
 from training.taskdata import Scenario, TaskData
 
@@ -169,12 +169,7 @@ def saved_hard_plan(kind: str, pools: dict[str, Pool], *, seed: int, directory: 
 
     path = directory / f"hard-{kind}-seed{seed}{'-' + pools_id if pools_id else ''}.json"
     if path.exists():
-        try:
-            plan = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScenarioError(f"split file {path} is unreadable ({exc}); delete it to rebuild") from None
-        if plan.get("sha256") != plan_hash(plan):
-            raise ScenarioError(f"split file {path} does not match its sha256; delete it to rebuild")
+        plan = read_plan(path)
         if plan.get("kind") != kind or plan.get("seed") != seed:
             raise ScenarioError(f"split file {path} holds {plan.get('kind')!r} seed {plan.get('seed')}; delete it")
         return plan

@@ -102,6 +102,17 @@ def plan_hash(plan: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def read_plan(path: Path) -> dict[str, Any]:
+    """A saved plan, refused (``ScenarioError`` naming the fix) when unreadable or not matching its sha256."""
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScenarioError(f"split file {path} is unreadable ({exc}); delete it to rebuild") from None
+    if plan.get("sha256") != plan_hash(plan):
+        raise ScenarioError(f"split file {path} does not match its sha256; delete it to rebuild")
+    return plan
+
+
 def saved_plan(kind: str, pools: dict[str, Pool], *, seed: int, n_tasks: int, directory: Path,
                pools_id: str = "") -> dict[str, Any]:
     """The plan from ``directory`` if present (hash verified), else built and written (atomically)."""
@@ -109,13 +120,7 @@ def saved_plan(kind: str, pools: dict[str, Pool], *, seed: int, n_tasks: int, di
 
     path = directory / f"{kind}-seed{seed}-t{n_tasks}{'-' + pools_id if pools_id else ''}.json"
     if path.exists():
-        try:
-            plan = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ScenarioError(f"split file {path} is unreadable ({exc}); delete it to rebuild") from None
-        if plan.get("sha256") != plan_hash(plan):
-            raise ScenarioError(f"split file {path} does not match its sha256; delete it to rebuild")
-        return plan
+        return read_plan(path)
     plan = build_plan(kind, pools, seed=seed, n_tasks=n_tasks)
     plan["sha256"] = plan_hash(plan)
     directory.mkdir(parents=True, exist_ok=True)

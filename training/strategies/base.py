@@ -172,7 +172,11 @@ class Strategy:
         assert self.optimizer is not None
         self.model.train()
         out = self.model(batch.taps, batch.present)
-        terms = self.loss(batch, out)
+        return self.step(batch, out, self.loss(batch, out))
+
+    def step(self, batch: Batch, out: ModelOutput, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Sum ``terms``, backward, ``before_step``, optimizer step, ``after_step``; each term's value."""
+        assert self.optimizer is not None
         total = torch.stack(list(terms.values())).sum()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

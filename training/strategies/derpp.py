@@ -107,14 +107,9 @@ class DERpp(Strategy):
         terms["logit"] = zero if a is None else self.p["alpha"] * self.logit_loss(out.logits[n_new : n_new + r], *a[1:])
         terms["replay_ce"] = zero if b is None else self.p["beta"] * F.cross_entropy(
             out.logits[-r:], b[0].labels)
-        total = torch.stack(list(terms.values())).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.before_step(batch, out)
-        self.optimizer.step()
-        self.after_step()
+        values = self.step(batch, out, terms)
         self._insert(batch, out.logits[:n_new])
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return values
 
     def extra_state(self) -> dict[str, Any]:
         return {"seen": self.seen, "store": self.store}
