@@ -70,7 +70,8 @@ robot-check: venv data
 
 # Every figure the README quotes, regenerated on purpose (about an hour on 2 cores; results in
 # the ignored benchmarks/results/). Each line is the command named in the README's heading.
-BENCHMARKS := backbones transport mcap_codec "continual --scenario class --seeds 3" "continual --suite hard --seeds 5" "continual --suite hard --seeds 5 --strategies ablations" method live "pipeline --seconds 15" \
+BENCHMARKS := backbones transport mcap_codec "continual --scenario class --seeds 3" "continual --suite hard --seeds 5 --epochs 3" \
+	"continual --suite hard --seeds 5 --epochs 3 --strategies ablations" method live "pipeline --seconds 15" \
 	"reliability --minutes 10 --restarts 6" serving_memory web
 bench: venv sysdeps data
 	@for b in $(BENCHMARKS); do echo "python -m benchmarks.$$b"; $(BIN)/python -m benchmarks.$$b || exit $$?; done
