@@ -140,10 +140,18 @@ class StrategyConfig:
     threads: int = 1
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (CUDA where torch sees a GPU: resolved_device)
+    # Distillation from a teacher's logits carried by the data (a fleet peer's skill package):
+    # weight of the KL term and its temperature (Strategy.soft_term); 0 switches it off. Off by
+    # measurement: importing 3 packages (class stream, seed 0, the sender's head logits), weight 1
+    # made one import fail the gate (old-task drop 0.19); 0.3 and 0 passed all three and ended at
+    # 0.955/0.99/0.995 and 0.99/0.995/0.975 on the imported tasks (no difference on one seed).
+    soft_weight: float = 0.0
+    soft_temperature: float = 2.0
     params: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        require_non_negative(self, "epochs", "replay_batch")
+        require_non_negative(self, "epochs", "replay_batch", "soft_weight")
+        require_positive(self, "soft_temperature")
         require_positive(self, "batch_size", "buffer_size", "buffer_bytes", "threads", "lr")
         require(self, ["max_seconds"], lambda v: v >= 0, ">= 0 (0 = no limit)")
         require(self, ["buffer_dtype"], lambda v: v in ("float16", "int8"), "float16 or int8")

@@ -49,11 +49,14 @@ FORMAT = 1
 
 @dataclass
 class LabelledSamples:
-    """Samples collected for a new task: taps per modality, presence (N, K) and class names."""
+    """Samples collected for a new task: taps per modality, presence (N, K) and class names;
+    optionally a teacher's logits (N, k) over the classes ``soft_names`` (a fleet peer's)."""
 
     taps: dict[str, list[np.ndarray]]
     present: np.ndarray
     names: Sequence[str]
+    soft: np.ndarray | None = None
+    soft_names: Sequence[str] | None = None
 
 
 @dataclass
@@ -162,7 +165,9 @@ class Learner:
             taps = {m: _levels(samples.taps[m]) if m in samples.taps else
                     [np.zeros((len(samples.names), d), np.float32) for d in dims]
                     for m, dims in self.tap_dims.items()}
-            data = TaskData(taps=taps, present=samples.present, labels=[index[n] for n in samples.names], task=task)
+            soft_classes = None if samples.soft is None else [index[n] for n in samples.soft_names or ()]
+            data = TaskData(taps=taps, present=samples.present, labels=[index[n] for n in samples.names], task=task,
+                            soft=samples.soft, soft_classes=soft_classes)
         if len(data) > self.config.max_task_samples:
             rng = np.random.default_rng(self.config.training.seed + task)
             data = data.subset(np.sort(rng.choice(len(data), self.config.max_task_samples, replace=False)))

@@ -19,7 +19,9 @@ class TaskData:
 
     ``taps``: modality -> list of (N, dim_b) float32 arrays (shallow -> deep); ``present``: (N, K)
     bool, columns in ``taps`` order (an absent modality's taps may hold anything, zeros by
-    convention); ``labels``: (N,) int64 global class ids; ``task``: the task id.
+    convention); ``labels``: (N,) int64 global class ids; ``task``: the task id. ``soft``: optional
+    (N, k) teacher logits over the global classes ``soft_classes`` (k,), e.g. a fleet peer's on the
+    exemplars it shared: strategies distil from them (``Strategy.step``).
     """
 
     taps: dict[str, list[np.ndarray]]
@@ -27,6 +29,8 @@ class TaskData:
     labels: np.ndarray
     task: int
     name: str = ""
+    soft: np.ndarray | None = None
+    soft_classes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -44,6 +48,13 @@ class TaskData:
                     raise ValueError(f"TaskData.taps[{m!r}][{b}] must be ({n}, dim), got {x.shape}")
         if n and self.labels.min() < 0:
             raise ValueError(f"TaskData.labels must be >= 0, got min {self.labels.min()}")
+        if (self.soft is None) != (self.soft_classes is None):
+            raise ValueError("TaskData.soft and soft_classes come together")
+        if self.soft is not None:
+            self.soft = np.asarray(self.soft, dtype=np.float32)
+            self.soft_classes = np.asarray(self.soft_classes, dtype=np.int64).reshape(-1)
+            if self.soft.shape != (n, len(self.soft_classes)):
+                raise ValueError(f"TaskData.soft must be ({n}, {len(self.soft_classes)}), got {self.soft.shape}")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -63,7 +74,8 @@ class TaskData:
     def subset(self, idx: np.ndarray | Sequence[int]) -> TaskData:
         idx = np.asarray(idx)
         return TaskData(taps={m: [x[idx] for x in lv] for m, lv in self.taps.items()}, present=self.present[idx],
-                        labels=self.labels[idx], task=self.task, name=self.name)
+                        labels=self.labels[idx], task=self.task, name=self.name,
+                        soft=None if self.soft is None else self.soft[idx], soft_classes=self.soft_classes)
 
     @classmethod
     def concat(cls, parts: Sequence[TaskData], task: int | None = None, name: str = "") -> TaskData:

@@ -67,6 +67,8 @@ class Batch:
     labels: Tensor
     tasks: Tensor
     replay: Tensor
+    soft: Tensor | None = None  # (B, k) teacher logits over soft_classes; rows without a teacher: NaN
+    soft_classes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -177,6 +179,7 @@ class Strategy:
     def step(self, batch: Batch, out: ModelOutput, terms: dict[str, Tensor]) -> dict[str, float]:
         """Sum ``terms``, backward, ``before_step``, optimizer step, ``after_step``; each term's value."""
         assert self.optimizer is not None
+        terms = {**terms, **self.soft_term(batch, out)}
         total = torch.stack(list(terms.values())).sum()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -209,8 +212,27 @@ class Strategy:
         if b is None:
             return a
         taps = {m: [torch.cat([x, y]) for x, y in zip(a.taps[m], b.taps[m], strict=True)] for m in a.taps}
+        soft = None
+        if a.soft is not None:  # replayed rows have no teacher: NaN rows are skipped by the distillation term
+            soft = torch.cat([a.soft, torch.full((len(b), a.soft.shape[1]), float("nan"), device=a.soft.device)])
         return Batch(taps=taps, present=torch.cat([a.present, b.present]), labels=torch.cat([a.labels, b.labels]),
-                     tasks=torch.cat([a.tasks, b.tasks]), replay=torch.cat([a.replay, b.replay]))
+                     tasks=torch.cat([a.tasks, b.tasks]), replay=torch.cat([a.replay, b.replay]),
+                     soft=soft, soft_classes=a.soft_classes)
+
+    def soft_term(self, batch: Batch, out: ModelOutput) -> dict[str, Tensor]:
+        """Distillation from a teacher's logits where the batch carries them (a fleet peer's, on the
+        exemplars it shared): KL(teacher || student) over the teacher's classes at temperature T,
+        times T^2 (Hinton et al. 2015) and ``StrategyConfig.soft_weight``. Empty otherwise."""
+        w, t = self.config.soft_weight, self.config.soft_temperature
+        if batch.soft is None or batch.soft_classes is None or w <= 0:
+            return {}
+        rows = ~torch.isnan(batch.soft[:, 0])
+        if not bool(rows.any()):
+            return {}
+        student = out.logits[rows][:, batch.soft_classes] / t
+        teacher = torch.softmax(batch.soft[rows] / t, dim=1)
+        kd = F.kl_div(F.log_softmax(student, dim=1), teacher, reduction="batchmean") * t * t
+        return {"kd": w * kd}
 
     def _check(self, data: TaskData) -> None:
         if data.modalities != self.model.modalities:
@@ -242,6 +264,8 @@ class Strategy:
                 taps, present, labels = _tensors(train, self.device)
                 taps = self.model.pool_taps(taps)  # the width replayed rows are stored at
                 tasks = torch.full((len(train),), train.task, dtype=torch.long, device=self.device)
+                soft = None if train.soft is None else torch.as_tensor(train.soft).to(self.device)
+                soft_classes = None if train.soft_classes is None else torch.as_tensor(train.soft_classes).to(self.device)
                 n, bs = len(train), cfg.batch_size
                 per_epoch = (n + bs - 1) // bs
                 total = per_epoch * cfg.epochs
@@ -257,7 +281,8 @@ class Strategy:
                         idx = order[s * bs : (s + 1) * bs]
                         new = Batch(taps={m: [x[idx] for x in lv] for m, lv in taps.items()}, present=present[idx],
                                     labels=labels[idx], tasks=tasks[idx],
-                                    replay=torch.zeros(len(idx), dtype=torch.bool, device=self.device))
+                                    replay=torch.zeros(len(idx), dtype=torch.bool, device=self.device),
+                                    soft=None if soft is None else soft[idx], soft_classes=soft_classes)
                         batch = self.cat(new, self.replay_batch(cfg.replay_batch) if self.uses_buffer else None)
                         for k, v in self.observe(batch).items():
                             sums[k] = sums.get(k, 0.0) + v
