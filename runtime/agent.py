@@ -32,7 +32,7 @@ import zmq
 from common.config import ConfigError, format_config
 from export.errors import ExportError
 from runtime import access
-from runtime.config import AgentConfig, ControlConfig, ServeConfig, load_section
+from runtime.config import AgentConfig, ControlConfig, FleetConfig, ServeConfig, load_section
 from runtime.errors import EndpointError, KeyFileError
 from runtime.intake import IntakeConfig
 from runtime.keys import server_keys
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", help="checkpoint directory (overrides [agent] checkpoint_dir)")
     parser.add_argument("--models-bundle", help="models bundle from `python -m export bundle` (overrides [agent] "
                                                 "model_bundle): verified, then unpacked into model_dir")
+    parser.add_argument("--fleet", metavar="HOST:PORT", help="join a fleet: run Flower's SuperNode against this "
+                        "SuperLink Fleet API address (overrides [fleet] address; see runtime.fleet)")
+    parser.add_argument("--fleet-insecure", action="store_true", help="no TLS on the fleet link (loopback "
+                        "addresses only, development only; a flag only)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -88,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         lcfg = load_section(LearnerConfig, args.config, "learner")
         icfg = load_section(IntakeConfig, args.config, "intake", endpoints=cfg.sensors, stale_s=cfg.stale_s,
                             camera_topic=scfg.camera_topic, mic_topic=scfg.mic_topic, imu_topic=scfg.imu_topic)
+        fcfg = load_section(FleetConfig, args.config, "fleet", address=args.fleet,
+                            insecure=True if args.fleet_insecure else None)
     except ConfigError as exc:
         log.error("bad config: %s", exc)
         return 2
-    for c in (cfg, ccfg, scfg, lcfg, icfg):
+    for c in (cfg, ccfg, scfg, lcfg, icfg, fcfg):
         log.info("config: %s", format_config(c))
     # The serving thread hands the GIL back and forth with the intake and tap-stream threads around
     # every ONNX Runtime call; a 1 ms switch interval (default 5 ms) keeps that wait off the latency tail.
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 2
     try:
-        agent = Agent(cfg, ccfg, scfg, lcfg, intake=icfg)
+        agent = Agent(cfg, ccfg, scfg, lcfg, intake=icfg, fleet=fcfg)
     except CurveKeyError as exc:  # a sensor key named in [intake] is missing or unreadable
         log.error("cannot start: %s", exc)
         return 2

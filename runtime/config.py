@@ -207,12 +207,48 @@ class ConsoleConfig:
         _check_positive("poll_s", self.poll_s)
 
 
+@dataclass(kw_only=True)
+class FleetConfig:
+    """The agent's side of the fleet (``[fleet]``): where skill packages go and come from.
+
+    Export and import work without a fleet (``export-skill``/``import-skill`` from a console,
+    files carried by hand); ``address`` (``--fleet HOST:PORT``) adds Flower's SuperNode, which
+    uploads the spool's outbox and fills its inbox each round (``runtime.fleet``).
+    """
+
+    address: str | None = None  # the fleet server's SuperLink Fleet API, host:port; None: no fleet
+    key_file: Path = Path("keys/fleet.key")  # the fleet's shared signing key (python -m runtime.fleet keygen)
+    robot: str = ""  # this robot's name in the fleet; "" = the host name
+    spool_dir: Path | None = None  # outbox/inbox of the Flower client; None: <checkpoint_dir>/fleet
+    skills_dir: Path | None = None  # export-skill writes, import-skill reads here; None: <checkpoint_dir>/skills
+    max_skill_bytes: int = 1_000_000  # one package's budget (exemplars fill what the rest leaves)
+    auto_export: bool = True  # with a fleet: every accepted local task goes to the outbox
+    import_poll_s: float = 2.0  # how often the agent looks for received packages (when idle)
+    root_certificates: Path | None = None  # CA of the SuperLink's TLS certificate
+    auth_private_key: Path | None = None  # SuperNode authentication key (flower-supernode)
+    node_port: int | None = None  # the SuperNode's local runtime API port (Flower's default 9094; two agents on a host need two)
+    insecure: bool = False  # no TLS (loopback only; a flag: --fleet-insecure)
+
+    def __post_init__(self) -> None:
+        self.key_file = Path(self.key_file)
+        for name in ("spool_dir", "skills_dir", "root_certificates", "auth_private_key"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+        if self.max_skill_bytes < 64 << 10:
+            raise ValueError(f"max_skill_bytes={self.max_skill_bytes!r} must be >= 65536")
+        _check_positive("import_poll_s", self.import_poll_s)
+        if self.insecure and self.address and not is_loopback(f"tcp://{self.address}"):
+            raise ValueError(f"--fleet-insecure refuses address={self.address!r}: without TLS the fleet link must "
+                             "stay on loopback; give [fleet] root_certificates instead")
+
+
 def load_section(cls: type[T], path: str | Path | None, section: str, **overrides: Any) -> T:
     """``common.config.load_config`` that refuses the ``CLI_ONLY`` keys in the TOML file with a
     message saying which flag replaced them (overrides, i.e. flags, may still set them)."""
     if path is not None:
         table = read_toml(path).get(section, {})
-        for key, flag in CLI_ONLY.items():
+        for key, cli_flag in CLI_ONLY.items():
+            flag = "--fleet-insecure" if section == "fleet" and key == "insecure" else cli_flag
             if isinstance(table, dict) and key in table:
                 raise ConfigError(f"[{section}] {key} = {table[key]!r} in {path}: {key!r} is now a command-line flag "
                                   f"only; remove it from the file and start with {flag} (development only, loopback "

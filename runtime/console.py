@@ -9,7 +9,8 @@ Usage::
     python -m runtime.console --json learn-new-task digits --labels 0,1,2 --source dataset:train
     python -m runtime.console --insecure ping        # agent started with --insecure (dev only, loopback only)
 
-Subcommands: status, tasks, learn-new-task, teach, cancel, rollback, save, shutdown, ping.
+Subcommands: status, tasks, learn-new-task, teach, export-skill, import-skill, cancel, rollback,
+save, shutdown, ping.
 
 When a reply carries ``{"job": ID}`` (``learn-new-task``, and ``teach`` if the agent runs
 it as a job) the console polls the agent's ``job`` command every ``poll_s`` and draws a
@@ -167,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     teach = sub.add_parser("teach", help="label the live samples of the next seconds")
     teach.add_argument("label")
     teach.add_argument("--seconds", type=float, default=5.0)
+    exp = sub.add_parser("export-skill", help="sign a learned task's skill package (for a peer or the fleet)")
+    exp.add_argument("task")
+    imp = sub.add_parser("import-skill", help="learn a peer's skill package (in the agent's skills directory)")
+    imp.add_argument("path")
     return p
 
 
@@ -180,6 +185,10 @@ def _command_args(ns: argparse.Namespace) -> dict[str, Any]:
         return {"name": ns.name, "labels": labels, "source": ns.source}
     if ns.cmd == "teach":
         return {"label": ns.label, "seconds": ns.seconds}
+    if ns.cmd == "export-skill":
+        return {"task": ns.task}
+    if ns.cmd == "import-skill":
+        return {"path": ns.path}
     return {}
 
 

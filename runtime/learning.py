@@ -141,6 +141,17 @@ def _lead(handle: JobHandle, label: str, lead_s: float) -> None:
         time.sleep(min(0.1, left))
 
 
+def read_skill_parts(job: Path) -> tuple[dict[str, Any], bytes] | None:
+    """The unsigned (header, payload) a worker wrote, or None."""
+    h, p = job / "skill.header.json", job / "skill.payload"
+    if not (h.is_file() and p.is_file()):
+        return None
+    try:
+        return json.loads(h.read_text()), p.read_bytes()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the worker's skill package is unreadable: {exc}") from None
+
+
 class Learning:
     """The learn-new-task and evaluate jobs of one agent (``runtime.service.Agent``)."""
 
@@ -235,8 +246,11 @@ class Learning:
         return report, job
 
     # ---- jobs
-    def learn(self, name: str, labels: list[str], source: dict[str, Any], handle: JobHandle) -> dict[str, Any]:
-        """collect -> worker trains a candidate -> gate -> commit -> swap."""
+    def learn(self, name: str, labels: list[str], source: dict[str, Any], handle: JobHandle, *,
+              skill: bytes | None = None, entry_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """collect -> worker trains a candidate -> gate -> commit -> swap. ``skill``: a verified
+        fleet package (source kind ``skill``), consolidated through the same gate; ``entry_extra``
+        goes into the task's entry (its origin)."""
         a = self.agent
         t0 = time.perf_counter()
         base, tasks, version = a.snapshot()
@@ -258,9 +272,14 @@ class Learning:
                                     "open_set_rule": s.open_set_rule,
                                     "seed": a.cfg.seed})
         spec["seed"] = a.cfg.seed + len(tasks)
+        spec["fingerprints"] = a.fingerprints
+        if source["kind"] != "skill" and a.skills.auto_export:  # the fleet's copy, built while the model is in memory
+            spec["skill"] = a.skills.build_spec()
         capture_s: list[float] = []
 
         def prepare(job: Path) -> None:
+            if skill is not None:
+                (job / "skill.pkg").write_bytes(skill)
             if source["kind"] == "live":
                 for i, lab in enumerate(labels):
                     handle.update(progress=0.02 + 0.28 * i / len(labels))
@@ -281,6 +300,7 @@ class Learning:
         try:
             handle.update(progress=0.96, phase="gate")
             files = StateFiles.read_dir(job / "candidate")
+            parts = read_skill_parts(job)
         except ValueError as exc:
             raise WorkerDied(f"the worker's candidate is unusable: {exc}") from None
         finally:
@@ -295,16 +315,36 @@ class Learning:
             return result
         handle.update(progress=0.98, phase="commit")
         entry = {"name": name, "labels": labels, "task": len(tasks), "new_task_acc": report["new_task_acc"],
-                 "samples": report["samples"], "accuracy_row": report["accuracy_row"]}
+                 "samples": report["samples"], "accuracy_row": report["accuracy_row"], **(entry_extra or {})}
         result["checkpoint"], new_version = a.commit_and_swap(files, [*tasks, entry], expected_version=version)
         if source["kind"] in ("live", "taught"):
             a.taught.remove(labels)
+        if parts is not None:
+            result["skill"] = a.skills.publish(*parts)
         done = time.perf_counter()
         result.update(accepted=True, model_version=new_version, seconds=round(done - t0, 2))
         if capture_s:
             result["capture_to_swap_s"] = round(done - capture_s[0], 2)
         log.info("learned task %r: %s", name, result)
         return result
+
+    def export_skill(self, task: str, handle: JobHandle) -> dict[str, Any]:
+        """The skill package of a learned task, built by a worker from the serving state, signed here."""
+        a = self.agent
+        base, tasks, _ = a.snapshot()
+        entry = next((t for t in tasks if t["name"] == task), None)
+        if base is None or entry is None:
+            raise CommandError("bad_args", f"no learned task {task!r}; learned: {[t['name'] for t in tasks]}")
+        spec = self._spec("export-skill", name=task, labels=list(entry["labels"]), learner=asdict(a.learner_cfg),
+                          fingerprints=a.fingerprints, skill=a.skills.build_spec())
+        report, job = self._run_worker(spec, base, handle)
+        try:
+            parts = read_skill_parts(job)
+        finally:
+            shutil.rmtree(job, ignore_errors=True)
+        if parts is None:
+            raise WorkerDied("the worker reported an exported skill but wrote none")
+        return {"task": task, **report, **a.skills.publish(*parts, always=True)}
 
     def evaluate(self, split: str, handle: JobHandle) -> dict[str, Any]:
         """Accuracy of the served model per learned task on a dataset split (in a worker)."""

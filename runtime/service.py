@@ -33,7 +33,7 @@ from export.incremental import IncrementalAudioExtractor
 from export.manifest import fingerprint
 from runtime.checkpoints import CheckpointStore
 from runtime.commands import COMMANDS, Arg, parse_source
-from runtime.config import AgentConfig, ControlConfig, ServeConfig
+from runtime.config import AgentConfig, ControlConfig, FleetConfig, ServeConfig
 from runtime.control import ControlServer
 from runtime.errors import CheckpointWriteError, CommandError, NoCheckpointError
 from runtime.intake import MODALITIES, IntakeConfig, SensorIntake
@@ -41,6 +41,7 @@ from runtime.jobs import JobHandle, JobTracker
 from runtime.learning import Learning, capture_live
 from runtime.serving import Served, Server
 from runtime.serving_model import ServingModel
+from runtime.skill_exchange import SkillExchange
 from runtime.statefiles import StateFiles
 from runtime.streams import AudioTapStream, ImuTapStream
 from runtime.taught import TaughtStore
@@ -60,7 +61,8 @@ def served_from(files: StateFiles, version: int, threads: int = 1, device: str =
 
 class Agent:
     def __init__(self, cfg: AgentConfig, control: ControlConfig, serve: ServeConfig, learner: LearnerConfig,
-                 *, intake: IntakeConfig | None = None, context: zmq.Context | None = None) -> None:
+                 *, intake: IntakeConfig | None = None, context: zmq.Context | None = None,
+                 fleet: FleetConfig | None = None) -> None:
         self.cfg, self.serve_cfg, self.learner_cfg = cfg, serve, learner
         self.ctx = context or zmq.Context.instance()
         if cfg.model_bundle is not None:
@@ -84,6 +86,7 @@ class Agent:
         self.jobs = JobTracker()
         self.control = ControlServer(control, jobs=self.jobs)
         self.learning = Learning(self)
+        self.skills = SkillExchange(self, fleet)
         self.stop_event = threading.Event()
         self._lock = threading.Lock()  # guards files, tasks, version, persisted
         self.files: StateFiles | None = None  # the serving state's checkpoint files
@@ -179,12 +182,14 @@ class Agent:
         self.server.start()
         self.intake.start()
         self.control.start()
+        self.skills.start()
         log.info("agent serving: sensors %s, predictions %s, control %s", self.cfg.sensors, self.cfg.predictions,
                  self.control.config.endpoint)
         return self
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.skills.stop()
         self.jobs.cancel()
         self.jobs.wait(timeout_s=15.0)
         self.server.stop()
@@ -222,6 +227,7 @@ class Agent:
             "worker_pid": self.learning.worker_pid,
             "taught": self.taught.counts(),
             "taught_store": self.taught.stats(),
+            "skills": self.skills.stats(),
             "rss_mb": _rss_mb(),
             "notices": list(self.notices),
         }
@@ -307,6 +313,19 @@ class Agent:
             return {"job": self.jobs.start("evaluate", lambda h: self._job(h, self.learning.evaluate, split),
                                            meta={"split": split})}
 
+        def export_skill(task: str) -> dict[str, Any]:
+            return {"job": self.jobs.start("export-skill", lambda h: self._job(h, self.learning.export_skill, task),
+                                           meta={"task": task})}
+
+        def import_skill(path: str) -> dict[str, Any]:
+            full = self.skills.resolve(path)  # bad paths fail now, not in the job
+            return {"job": self.jobs.start("import-skill", lambda h: self._job(h, self.skills.import_file, str(full)),
+                                           meta={"path": path})}
+
+        c.register("export-skill", export_skill, COMMANDS["export-skill"],
+                   help="sign a learned task's skill package into the skills directory (and the fleet's outbox)")
+        c.register("import-skill", import_skill, COMMANDS["import-skill"],
+                   help="verify a peer's skill package and learn it through the gate (background job)")
         c.register("evaluate", evaluate, {"split": Arg(str, default="test", choices=("train", "test", "heldout"))},
                    help="accuracy per learned task on a dataset split or the held-out reservoir (background job)")
 

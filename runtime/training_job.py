@@ -42,16 +42,20 @@ MODALITIES = ("image", "audio", "imu")
 
 @dataclass
 class TaskSamples:
-    """The new task's samples: taps per modality, presence, camera stamps (0: none), label names."""
+    """The new task's samples: taps per modality, presence, camera stamps (0: none), label names;
+    for a fleet peer's skill, its logits (N, k) over the task's labels ``soft_names``."""
 
     taps: dict[str, list[np.ndarray]]
     present: np.ndarray
     stamps: np.ndarray
     names: list[str]
+    soft: np.ndarray | None = None
+    soft_names: list[str] | None = None
 
     def subset(self, mask: np.ndarray) -> TaskSamples:
         return TaskSamples({m: [x[mask] for x in lv] for m, lv in self.taps.items()}, self.present[mask],
-                           self.stamps[mask], [n for n, k in zip(self.names, mask, strict=True) if k])
+                           self.stamps[mask], [n for n, k in zip(self.names, mask, strict=True) if k],
+                           None if self.soft is None else self.soft[mask], self.soft_names)
 
 
 @dataclass(kw_only=True)
@@ -164,7 +168,8 @@ def learn(state: tuple[Any, ReplayBuffer | None], samples: TaskSamples, *, name:
     def on_step(step: int, total: int) -> None:
         progress(0.35 + 0.45 * step / max(total, 1), f"training step {step}/{total}")
 
-    report = learner.learn_task(LabelledSamples(taps=train.taps, present=train.present, names=train.names),
+    report = learner.learn_task(LabelledSamples(taps=train.taps, present=train.present, names=train.names,
+                                                soft=train.soft, soft_names=train.soft_names),
                                 progress=on_step, cancel=cancel)
     mark("train")
     progress(0.82, "gate figures")
@@ -207,6 +212,33 @@ def learn(state: tuple[Any, ReplayBuffer | None], samples: TaskSamples, *, name:
            "stopped": report.stopped, "classes": list(learner.class_names),
            "export": exported.how, "worker_seconds": round(time.perf_counter() - t0, 2), "timings_s": marks}
     return Candidate(files=files, report=out)
+
+
+def skill_samples(data: bytes) -> TaskSamples:
+    """A skill package's exemplars as a task's samples (no stamps: the holdout is a random split),
+    with the sender's logits for distillation. The agent verified the signature before it wrote
+    the file; here the checksum is checked again (``training.skills.SkillRefused``)."""
+    from training import skills
+
+    header = skills.read_header(data, None)
+    ex = skills.exemplars(data, header)
+    return TaskSamples(taps=ex.taps, present=ex.present, stamps=np.zeros(len(ex.names), np.int64), names=ex.names,
+                       soft=ex.soft, soft_names=list(header["labels"]))
+
+
+def write_skill_parts(job: Any, learner: Any, spec: dict[str, Any], labels: list[str], task: str) -> dict[str, Any]:
+    """The unsigned skill package of ``labels`` from ``learner`` into the job directory
+    (``skill.header.json``, ``skill.payload``): the agent signs it, the worker never holds the key."""
+    import json
+
+    from training import skills
+
+    s = spec["skill"]
+    header, payload = skills.build(learner, task=task, labels=labels, fingerprints=spec["fingerprints"],
+                                   origin=s["origin"], max_bytes=int(s["max_bytes"]), seed=int(spec["seed"]))
+    (job / "skill.header.json").write_text(json.dumps(header))
+    (job / "skill.payload").write_bytes(payload)
+    return {"skill_exemplars": header["exemplars"], "skill_payload_bytes": len(payload)}
 
 
 def evaluate(base: StateFiles, samples: TaskSamples, tasks: list[dict[str, Any]], *, threads: int = 1

@@ -11,8 +11,9 @@ agent (``PR_SET_PDEATHSIG`` and end-of-file on the socket), so no orphan keeps t
 
 Job directory: ``job.json`` (the spec), ``base/`` (the serving state, ``StateFiles`` layout,
 when it is not committed; else ``base_dir`` in the spec names its checkpoint; neither on a fresh
-robot), ``task.npz`` (taps of live or taught samples), ``candidate/`` (the
-worker's result). Messages worker -> agent: ``("progress", fraction | None, phase)``,
+robot), ``task.npz`` (taps of live or taught samples), ``skill.pkg`` (a fleet peer's package to
+import), ``candidate/`` (the worker's result), ``skill.header.json`` + ``skill.payload`` (the
+unsigned package of the task learned, or of ``export-skill``; the agent signs it). Messages worker -> agent: ``("progress", fraction | None, phase)``,
 ``("result", report)``, ``("error", code, message)``, ``("cancelled",)``; agent -> worker:
 ``("go",)`` once the task's samples are in place, ``("cancel",)``.
 """
@@ -163,6 +164,12 @@ def run(job: Path, link: Link) -> dict[str, Any]:
             raise ValueError("nothing learned yet: no model to evaluate")
         return {"tasks": tj.evaluate(base, samples, spec["tasks"], threads=int(spec["threads"]))}
     config = from_dict(LearnerConfig, spec["learner"])
+    if spec["kind"] == "export-skill":
+        link.wait_go()
+        if base is None:
+            raise ValueError("nothing learned yet: no skill to export")
+        learner = tj.load_state(base, tap_dims, config)[0]
+        return tj.write_skill_parts(job, learner, spec, list(spec["labels"]), spec["name"])
     # everything that does not need the samples happens now, while the operator may still capture
     state = tj.load_state(base, tap_dims, config)
     template = tj.prepare_export(state[0], list(spec["labels"]))
@@ -171,6 +178,8 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     link.wait_go()
     if spec["source"]["kind"] in ("live", "taught"):
         samples = read_task(job / "task.npz")
+    elif spec["source"]["kind"] == "skill":  # a fleet peer's package, copied in by the agent
+        samples = tj.skill_samples((job / "skill.pkg").read_bytes())
     else:
         samples = _source_samples(spec, link)
     settings = from_dict(tj.LearnSettings, spec["settings"])
@@ -182,6 +191,11 @@ def run(job: Path, link: Link) -> dict[str, Any]:
     link.progress(0.95, "writing the candidate")
     cand.files.write_dir(out)
     cand.report["startup_s"] = round(t_ready - spec["spawned_s"], 2) if spec.get("spawned_s") else None
+    if spec.get("skill") and spec["source"]["kind"] != "skill":  # the fleet's copy of a local task
+        try:
+            cand.report.update(tj.write_skill_parts(job, state[0], spec, list(spec["labels"]), spec["name"]))
+        except ValueError as exc:  # never fail a learned task for its fleet copy
+            cand.report["skill_error"] = str(exc)
     return cand.report
 
 

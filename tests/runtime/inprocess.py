@@ -13,14 +13,14 @@ from benchmarks.harness import free_ports
 from demodata.publish import DatasetStreamer, StreamerConfig
 from runtime import keys
 from runtime.agent import Agent, ServeConfig
-from runtime.config import AgentConfig, ControlConfig
+from runtime.config import AgentConfig, ControlConfig, FleetConfig
 from runtime.console import ControlClient
 from training.config import LearnerConfig
 
 
 @contextmanager
-def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner: LearnerConfig
-                 ) -> Iterator[dict[str, Any]]:
+def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner: LearnerConfig,
+                 fleet: FleetConfig | None = None) -> Iterator[dict[str, Any]]:
     """Publishers of ``classes`` (1 s dwell, a new image per frame) and a started agent with a
     CurveZMQ operator "op"; yields agent, client, ports, root, cfgs, kdir and the streamer (its
     ``show(class, seconds)`` holds a class in front of the robot)."""
@@ -37,7 +37,7 @@ def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner:
     cfg = AgentConfig(sensors=[f"tcp://127.0.0.1:{ports['sensors']}"], predictions=f"tcp://127.0.0.1:{ports['pred']}",
                       backend="onnxruntime", checkpoint_dir=root / "state", min_new_task_acc=0.5, max_old_task_drop=0.3)
     ccfg = ControlConfig(endpoint=f"tcp://127.0.0.1:{ports['control']}", keys_dir=kdir)
-    agent = Agent(cfg, ccfg, serve, learner).start()
+    agent = Agent(cfg, ccfg, serve, learner, fleet=fleet).start()
     client = ControlClient(ccfg.endpoint, keys_dir=kdir, key_name="op", timeout_s=10.0)
     try:
         yield {"agent": agent, "client": client, "ports": ports, "root": root, "cfgs": (cfg, ccfg, serve, learner),
@@ -47,3 +47,13 @@ def agent_system(root: Path, *, classes: list[int], serve: ServeConfig, learner:
         agent.stop()
         stop.set()
         thread.join(timeout=10)
+
+
+def learn_from_dataset(client: ControlClient, name: str, labels: list[str], timeout_s: float = 180.0) -> dict[str, Any]:
+    """``learn-new-task`` from the dataset's train split, waited for; the accepted job's result."""
+    from benchmarks.harness import wait_job
+
+    snap = wait_job(client, client.request("learn-new-task", {"name": name, "labels": labels,
+                                                              "source": "dataset:train"})["job"], timeout_s)
+    assert snap["state"] == "done" and snap["result"]["accepted"], snap
+    return snap["result"]
