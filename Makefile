@@ -72,7 +72,7 @@ robot-check: venv data
 # the ignored benchmarks/results/). Each line is the command named in the README's heading.
 BENCHMARKS := backbones transport mcap_codec "continual --scenario class --seeds 3" "continual --suite hard --seeds 5 --epochs 3" \
 	"continual --suite hard --seeds 5 --epochs 3 --strategies ablations" method live "pipeline --seconds 15" \
-	"reliability --minutes 10 --restarts 6" serving_memory web
+	"reliability --minutes 10 --restarts 6" serving_memory web "fleet --robots 4"
 bench: venv sysdeps data
 	@for b in $(BENCHMARKS); do echo "python -m benchmarks.$$b"; $(BIN)/python -m benchmarks.$$b || exit $$?; done
 
