@@ -105,14 +105,19 @@ class SkillExchange:
             return {"shared": False, "reason": exc.message}
         data = skills.sign(header, payload, key)
         sid = skills.skill_id(data)
-        self.skills_dir.mkdir(parents=True, exist_ok=True)
         path = self.skills_dir / f"{_safe(header['task'])}-{sid[:12]}.skill"
-        atomic_write(path, data)
+        try:
+            self.skills_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+            if self.spool is not None:
+                self.spool.put_outbox(data)
+        except (OSError, skills.SkillRefused) as exc:  # the task is committed either way: say so, do not fail it
+            if always:
+                raise CommandError("io_error", f"skill package of {header['task']!r} not written: {exc}") from None
+            self.agent.notice(f"task {header['task']!r} not shared with the fleet: {exc}")
+            return {"shared": False, "reason": str(exc)}
         out: dict[str, Any] = {"shared": True, "skill_file": str(path), "skill_id": sid, "skill_bytes": len(data),
-                               "exemplars": header.get("exemplars")}
-        if self.spool is not None:
-            self.spool.put_outbox(data)
-            out["fleet_outbox"] = True
+                               "exemplars": header.get("exemplars"), "fleet_outbox": self.spool is not None}
         self.counts["exported"] += 1
         log.info("skill %s of task %r: %d bytes, %s exemplars -> %s", sid[:12], header["task"], len(data),
                  header.get("exemplars"), path)
@@ -152,9 +157,9 @@ class SkillExchange:
         assert self.spool is not None
         try:
             result = self.import_bytes(path.read_bytes(), handle)
-        except CommandError as exc:
-            if exc.code == "refused":
-                self.spool.settle(path, imported=False, reason=exc.message)
+        except (CommandError, OSError) as exc:  # refused, or what the learning job rejects: final
+            # (a cancelled import, JobCancelledError, or a dead worker is not settled: tried again)
+            self.spool.settle(path, imported=False, reason=getattr(exc, "message", None) or str(exc))
             raise
         self.spool.settle(path, imported=bool(result.get("accepted")),
                           reason="" if result.get("accepted") else f"gate: {result.get('reason')}")

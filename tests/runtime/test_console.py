@@ -58,6 +58,16 @@ class FakeAgent:
         self.calls.append(("teach", {"label": label, "seconds": seconds}))
         return {"label": label, "seconds": seconds, "samples": 12}
 
+    def export_skill(self, task: str) -> dict:
+        self.calls.append(("export-skill", {"task": task}))
+        if task not in self.task_names:
+            raise CommandError("bad_args", f"no learned task {task!r}")
+        return {"job": self.jobs.start("export-skill", lambda h: {"task": task, "skill_bytes": 578_000})}
+
+    def import_skill(self, path: str) -> dict:
+        self.calls.append(("import-skill", {"path": path}))
+        return {"job": self.jobs.start("import-skill", lambda h: {"task": "peer", "accepted": True})}
+
     def cancel(self) -> dict:
         return {"cancelled": self.jobs.cancel()}
 
@@ -105,6 +115,14 @@ def test_simple_commands_json(agent: tuple[FakeAgent, str], capsys: pytest.Captu
     assert code == 1 and lines[-1]["ok"] is False and lines[-1]["error"]["code"] == "no_checkpoint"
     code, lines = run_json(capsys, [*base, "shutdown"])
     assert code == 0 and lines[-1]["result"] == {"stopping": True}
+    code, lines = run_json(capsys, [*base, "export-skill", "fashion"])
+    assert code == 0 and lines[-1]["result"]["result"] == {"task": "fashion", "skill_bytes": 578_000}
+    assert fake.calls[-1] == ("export-skill", {"task": "fashion"})
+    code, lines = run_json(capsys, [*base, "export-skill", "nope"])
+    assert code == 1 and lines[-1]["error"]["code"] == "bad_args"
+    code, lines = run_json(capsys, [*base, "import-skill", "shirts-1a2b.skill"])
+    assert code == 0 and lines[-1]["result"]["result"] == {"task": "peer", "accepted": True}
+    assert fake.calls[-1] == ("import-skill", {"path": "shirts-1a2b.skill"})
 
 
 def test_learn_new_task_follows_job_json(agent: tuple[FakeAgent, str], capsys: pytest.CaptureFixture[str],
