@@ -172,6 +172,9 @@ def check_compatible(header: dict[str, Any], *, fingerprints: dict[str, str], ta
                            f"robot's {fingerprints}; both must run the same exported models")
     if {m: list(d) for m, d in header["tap_dims"].items()} != {m: list(d) for m, d in tap_dims.items()}:
         raise SkillRefused(f"tap layout {header['tap_dims']} differs from this robot's {tap_dims}")
+    if {m: list(d) for m, d in header["stored_dims"].items()} != {m: list(d) for m, d in header["tap_dims"].items()}:
+        raise SkillRefused(f"the package stores pooled taps {header['stored_dims']} (a replay_sample_bytes layout); "
+                           "import needs full-width taps: export from a learner without tap pooling")
     clash = {lab: known_labels[lab] for lab in header["labels"] if lab in known_labels}
     if clash:
         raise SkillRefused(f"class names clash: {sorted(clash)} already learned here (task(s) "

@@ -116,6 +116,9 @@ def test_backbone_layout_and_label_clashes_are_refused(package: bytes) -> None:
         skills.check_compatible(h, fingerprints={**FP, "image": "img-2"}, tap_dims=DIMS, known_labels={})
     with pytest.raises(skills.SkillRefused, match="tap layout"):
         skills.check_compatible(h, fingerprints=FP, tap_dims={**DIMS, "imu": [9]}, known_labels={})
+    with pytest.raises(skills.SkillRefused, match="pooled taps"):
+        skills.check_compatible({**h, "stored_dims": {**DIMS, "image": [24, 20]}}, fingerprints=FP, tap_dims=DIMS,
+                                known_labels={})
     with pytest.raises(skills.SkillRefused, match=r"class names clash: \['c'\]"):
         skills.check_compatible(h, fingerprints=FP, tap_dims=DIMS, known_labels={"c": "mine"})
 
