@@ -177,9 +177,10 @@ def _submit(page, fields: dict[str, str], button: str) -> None:
 def _run_job(page, fields: dict[str, str], button: str, timeout_s: float) -> str:
     """Submit a form that starts a job; the job's final state as the page shows it."""
     def ended():
-        el = by_testid(page, "job-progress")
-        state = el.get_attribute("data-state")
-        return state if state in ("done", "failed", "cancelled") and el.get_attribute("data-job") != old else None
+        # both attributes in one read: two reads could pair the old job's "done" with the new job's id
+        job, state = page.execute_script('const b = document.querySelector(\'[data-testid="job-progress"]\');'
+                                         "return [b.dataset.job, b.dataset.state];")
+        return state if state in ("done", "failed", "cancelled") and job != old else None
 
     old = by_testid(page, "job-progress").get_attribute("data-job")
     _submit(page, fields, button)
@@ -204,8 +205,9 @@ def test_teach_and_learn_new_task_from_the_page(live, page):
         assert by_testid(page, "teach-error").text == ""
     fields = {"learn-name": "clothes", "learn-labels": "pullover, dress", "learn-source": "taught"}
     assert _run_job(page, fields, "learn-button", 240) == "done", by_testid(page, "job-progress").text
-    job = live["client"].request("job")
-    assert job["result"].get("accepted"), job  # a rejected candidate adds no task: say why, not "timed out"
+    job = live["client"].request("job", {"id": by_testid(page, "job-progress").get_attribute("data-job")})
+    assert job["name"] == "learn-new-task" and (job["result"] or {}).get("accepted"), \
+        (job, live["client"].request("job"))  # a rejected candidate adds no task: say why, not "timed out"
     task = wait_until(lambda: page.find_elements("css selector", '[data-testid="tasks"] [data-task="clothes"]'), 10,
                       "the new task in the task list")
     assert "pullover" in task[0].text and "dress" in task[0].text
