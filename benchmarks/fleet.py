@@ -124,10 +124,8 @@ class Robot:
         out = []
         while (path := self.spool.next_inbox()) is not None:
             data = path.read_bytes()
-            known = {lab: t["name"] for t in self.tasks for lab in t["labels"]}
             try:
-                h = skills.read_header(data, key)
-                skills.check_compatible(h, fingerprints=fingerprints, tap_dims=self.dims, known_labels=known)
+                h = skills.verify(data, key, fingerprints=fingerprints, tap_dims=self.dims, tasks=self.tasks)
             except skills.SkillRefused as exc:
                 self.spool.settle(path, imported=False, reason=exc.reason)
                 out.append({"task": None, "accepted": False, "reason": exc.reason})

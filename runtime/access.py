@@ -239,29 +239,36 @@ def bind(sock: zmq.Socket, endpoint: str, what: str = "control endpoint") -> Non
 
 
 # --------------------------------------------------------------------------- recordings
-def recording_path(text: str, recordings_dir: str | Path | None) -> str:
-    """A recording named by an ``mcap:`` source, as an absolute path inside ``recordings_dir``.
+def contained_file(text: str, root: str | Path | None, *, noun: str, where: str) -> Path:
+    """The file ``text`` names, relative to ``root`` or absolute inside it, resolved.
 
-    Relative paths are taken from ``recordings_dir``; absolute ones must lie inside it. ``..``
-    is refused outright, and symlinks are resolved before the containment check, so neither can
-    leave the directory. ``recordings_dir=None`` (a console, which cannot see the robot's disk)
-    checks the form only and returns ``text`` unchanged. ``ValueError`` names the problem.
+    ``..`` is refused outright, and symlinks are resolved before the containment check, so
+    neither can leave ``root``: an operator key must not make the agent open arbitrary files.
+    ``root=None`` (a console, which cannot see the robot's disk) checks the form only and returns
+    ``Path(text)``. ``noun`` names the file in messages ("recording"), ``where`` the config key of
+    ``root``. ``ValueError`` names the problem.
     """
-    if not text or "\x00" in text:
-        raise ValueError("an mcap source needs a non-empty recording path per label")
     p = Path(text)
     if ".." in p.parts:
-        raise ValueError(f"recording path {text!r}: '..' is not allowed (paths are inside the agent's recordings_dir)")
-    if recordings_dir is None:
-        return text
-    root = Path(recordings_dir).resolve()
-    if not root.is_dir():
-        raise ValueError(f"no recordings directory {root} on the robot ([agent] recordings_dir): "
-                         "copy recordings there first")
-    full = (p if p.is_absolute() else root / p).resolve()  # follows symlinks
-    if not full.is_relative_to(root):
-        raise ValueError(f"recording path {text!r} is outside the recordings directory {root}"
+        raise ValueError(f"{noun} path {text!r}: '..' is not allowed (paths are inside the agent's {where})")
+    if root is None:
+        return p
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise ValueError(f"no {noun}s directory {base} on the robot ({where}): copy {noun}s there first")
+    full = (p if p.is_absolute() else base / p).resolve()  # follows symlinks
+    if not full.is_relative_to(base):
+        raise ValueError(f"{noun} path {text!r} is outside the {noun}s directory {base}"
                          + (" (a symlink leads out of it)" if not p.is_absolute() else ""))
     if not full.is_file():
-        raise ValueError(f"no recording {text!r} in {root}")
-    return str(full)
+        raise ValueError(f"no {noun} {text!r} in {base}")
+    return full
+
+
+def recording_path(text: str, recordings_dir: str | Path | None) -> str:
+    """A recording named by an ``mcap:`` source, as an absolute path inside ``recordings_dir``
+    (``contained_file``); ``recordings_dir=None`` returns ``text`` unchanged after the form check."""
+    if not text or "\x00" in text:
+        raise ValueError("an mcap source needs a non-empty recording path per label")
+    full = contained_file(text, recordings_dir, noun="recording", where="[agent] recordings_dir")
+    return text if recordings_dir is None else str(full)

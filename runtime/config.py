@@ -237,7 +237,12 @@ class FleetConfig:
         if self.max_skill_bytes < 64 << 10:
             raise ValueError(f"max_skill_bytes={self.max_skill_bytes!r} must be >= 65536")
         _check_positive("import_poll_s", self.import_poll_s)
-        if self.insecure and self.address and not is_loopback(f"tcp://{self.address}"):
+        if self.address is None:
+            return
+        from runtime.fleet import node  # the SuperNode's own rules: a bad address fails here, at start
+
+        host, _ = node.split_address(self.address)
+        if self.insecure and not node.is_loopback(host):
             raise ValueError(f"--fleet-insecure refuses address={self.address!r}: without TLS the fleet link must "
                              "stay on loopback; give [fleet] root_certificates instead")
 

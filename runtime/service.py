@@ -319,7 +319,7 @@ class Agent:
 
         def import_skill(path: str) -> dict[str, Any]:
             full = self.skills.resolve(path)  # bad paths fail now, not in the job
-            return {"job": self.jobs.start("import-skill", lambda h: self._job(h, self.skills.import_file, str(full)),
+            return {"job": self.jobs.start("import-skill", lambda h: self._job(h, self.skills.import_file, full),
                                            meta={"path": path})}
 
         c.register("export-skill", export_skill, COMMANDS["export-skill"],

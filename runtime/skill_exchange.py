@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write
+from runtime.access import contained_file
 from runtime.config import FleetConfig
 from runtime.errors import BusyError, CommandError
 from runtime.jobs import JobHandle
@@ -79,17 +80,11 @@ class SkillExchange:
 
     def resolve(self, text: str) -> Path:
         """A package path given by an operator: relative to ``skills_dir`` or absolute inside it
-        (like recordings: an operator key must not make the agent read arbitrary files)."""
-        p = Path(text)
-        root = self.skills_dir.resolve()
-        if not text or "\x00" in text or ".." in p.parts:
-            raise CommandError("bad_args", f"skill path {text!r}: give a file name inside {root} ('..' not allowed)")
-        full = (p if p.is_absolute() else root / p).resolve()
-        if not full.is_relative_to(root):
-            raise CommandError("bad_args", f"skill path {text!r} is outside the skills directory {root}")
-        if not full.is_file():
-            raise CommandError("bad_args", f"no skill package {text!r} in {root}")
-        return full
+        (``runtime.access.contained_file``, as for recordings)."""
+        try:
+            return contained_file(text, self.skills_dir, noun="skill package", where="[fleet] skills_dir")
+        except ValueError as exc:
+            raise CommandError("bad_args", str(exc)) from None
 
     # ---- export
     def publish(self, header: dict[str, Any], payload: bytes, *, always: bool = False) -> dict[str, Any]:
@@ -127,11 +122,9 @@ class SkillExchange:
     def check(self, data: bytes) -> dict[str, Any]:
         """The package's verified header, or CommandError("refused", reason) (counted)."""
         _, tasks, _ = self.agent.snapshot()
-        known = {lab: t["name"] for t in tasks for lab in t["labels"]}
         try:
-            header = skills.read_header(data, self.key())
-            skills.check_compatible(header, fingerprints=self.agent.fingerprints, tap_dims=self.agent.dims,
-                                    known_labels=known)
+            header = skills.verify(data, self.key(), fingerprints=self.agent.fingerprints, tap_dims=self.agent.dims,
+                                   tasks=tasks)
         except skills.SkillRefused as exc:
             self.refused[exc.reason.split(":")[0]] += 1
             raise CommandError("refused", f"skill package refused: {exc.reason}") from None
@@ -149,8 +142,9 @@ class SkillExchange:
         self.counts["imported" if result.get("accepted") else "gate_rejected"] += 1
         return {"skill_id": sid, "origin": header.get("origin"), **result}
 
-    def import_file(self, text: str, handle: JobHandle) -> dict[str, Any]:
-        return self.import_bytes(self.resolve(text).read_bytes(), handle)
+    def import_file(self, path: Path, handle: JobHandle) -> dict[str, Any]:
+        """``path``: what ``resolve`` returned when the command came in."""
+        return self.import_bytes(path.read_bytes(), handle)
 
     # ---- the fleet's inbox
     def _import_inbox(self, path: Path, handle: JobHandle) -> dict[str, Any]:

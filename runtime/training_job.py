@@ -21,6 +21,7 @@ gate decides on:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -229,8 +230,6 @@ def skill_samples(data: bytes) -> TaskSamples:
 def write_skill_parts(job: Any, learner: Any, spec: dict[str, Any], labels: list[str], task: str) -> dict[str, Any]:
     """The unsigned skill package of ``labels`` from ``learner`` into the job directory
     (``skill.header.json``, ``skill.payload``): the agent signs it, the worker never holds the key."""
-    import json
-
     from training import skills
 
     s = spec["skill"]

@@ -14,8 +14,9 @@ when it is not committed; else ``base_dir`` in the spec names its checkpoint; ne
 robot), ``task.npz`` (taps of live or taught samples), ``skill.pkg`` (a fleet peer's package to
 import), ``candidate/`` (the worker's result), ``skill.header.json`` + ``skill.payload`` (the
 unsigned package of the task learned, or of ``export-skill``; the agent signs it). Messages
-worker -> agent: ``("progress", fraction | None, phase)``, ``("result", report)``, ``("error", code, message)``, ``("cancelled",)``; agent -> worker:
-``("go",)`` once the task's samples are in place, ``("cancel",)``.
+worker -> agent: ``("progress", fraction | None, phase)``, ``("result", report)``,
+``("error", code, message)``, ``("cancelled",)``; agent -> worker: ``("go",)`` once the task's
+samples are in place, ``("cancel",)``.
 """
 
 from __future__ import annotations

@@ -181,6 +181,16 @@ def check_compatible(header: dict[str, Any], *, fingerprints: dict[str, str], ta
                            f"{sorted(set(clash.values()))}); rename the task's labels on the sender")
 
 
+def verify(data: bytes, key: bytes, *, fingerprints: dict[str, str], tap_dims: dict[str, list[int]],
+           tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """``read_header`` and ``check_compatible`` against a robot's learned ``tasks`` (name, labels):
+    the verified header, or SkillRefused. What the agent and the fleet benchmark both run."""
+    header = read_header(data, key)
+    check_compatible(header, fingerprints=fingerprints, tap_dims=tap_dims,
+                     known_labels={lab: t["name"] for t in tasks for lab in t["labels"]})
+    return header
+
+
 # ---- building and reading the content (learning worker) -------------------------------------
 @dataclass
 class Exemplars:
